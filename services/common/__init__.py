@@ -1,0 +1,1 @@
+"""Shared service runtime: server bootstrap, interceptors, settings, logging, metrics, tracing, errors."""

@@ -1,0 +1,75 @@
+"""Domain exceptions shared by every service.
+
+Core code raises these (it never imports grpc); the error-mapping interceptor in
+services.common.interceptors is the one place that turns them into canonical gRPC
+status codes with google.rpc details.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Code(StrEnum):
+    """Canonical codes (google.rpc.Code names) a domain error can carry."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    ABORTED = "ABORTED"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field: `field` is a dotted path such as "params.temperature"."""
+
+    field: str
+    description: str
+
+
+class ServiceError(Exception):
+    """Base of every domain error. `retry_after` (seconds) becomes google.rpc.RetryInfo."""
+
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class InvalidArgument(ServiceError):
+    """Bad input; carries google.rpc.BadRequest field violations."""
+
+    code = Code.INVALID_ARGUMENT
+
+    def __init__(self, violations: list[FieldViolation] | FieldViolation) -> None:
+        self.violations = violations if isinstance(violations, list) else [violations]
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
+
+
+class NotFound(ServiceError):
+    code = Code.NOT_FOUND
+
+
+class FailedPrecondition(ServiceError):
+    code = Code.FAILED_PRECONDITION
+
+
+class ResourceExhausted(ServiceError):
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class Unavailable(ServiceError):
+    code = Code.UNAVAILABLE
+
+
+class DeadlineExceeded(ServiceError):
+    code = Code.DEADLINE_EXCEEDED
