@@ -1,0 +1,1 @@
+"""Engine backends: one module per implementation of engines.base.Engine."""
