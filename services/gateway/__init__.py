@@ -1,0 +1,1 @@
+"""Gateway service: the public generation API and its policy pipeline."""

@@ -1,0 +1,73 @@
+"""The gateway's backend: the inference service, reached over gRPC through the mesh."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from servemesh.inference.v1 import inference_pb2 as ipb
+from servemesh.inference.v1 import inference_pb2_grpc as ipb_grpc
+
+from services.common.client import error_from_rpc, insecure_channel
+from services.common.errors import Unavailable
+from services.common.generation import Chunk, FinishReason, Role, Usage
+from services.gateway.core import GatewayRequest
+
+_ROLES = {Role.SYSTEM: ipb.ROLE_SYSTEM, Role.USER: ipb.ROLE_USER, Role.ASSISTANT: ipb.ROLE_ASSISTANT}
+_FINISH = {ipb.FINISH_REASON_STOP: FinishReason.STOP, ipb.FINISH_REASON_LENGTH: FinishReason.LENGTH}
+#: inference field paths -> the gateway's public ones, for errors relayed to the client
+_FIELDS = {"sampling": "params"}
+
+
+class InferenceBackend:
+    def __init__(self, target: str, default_timeout_s: float = 300.0) -> None:
+        self._timeout = default_timeout_s  # the caller's own deadline, when shorter, wins
+        self._channel = insecure_channel(target)
+        self._stub = ipb_grpc.InferenceServiceStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def list_engines(self) -> list[ipb.Engine]:
+        try:
+            resp = await self._stub.ListEngines(ipb.ListEnginesRequest(), timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, _FIELDS) from None
+        return list(resp.engines)
+
+    async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
+        s = request.sampling
+        sampling = ipb.SamplingParams(
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            stop=s.stop,
+            seed=s.seed,
+            repetition_penalty=s.repetition_penalty,
+        )
+        call = self._stub.StreamGenerate(
+            ipb.StreamGenerateRequest(
+                engine=request.engine,
+                prompt=request.prompt or "",
+                messages=[ipb.ChatMessage(role=_ROLES[m.role], content=m.content) for m in request.messages],
+                sampling=sampling,
+            ),
+            timeout=self._timeout,
+        )
+        finished = False
+        try:
+            async for msg in call:
+                if not request.served.engine:
+                    request.served.engine, request.served.model = msg.engine, msg.model
+                if msg.finish_reason == ipb.FINISH_REASON_UNSPECIFIED:
+                    yield Chunk(msg.text_delta)
+                else:
+                    finished = True
+                    u = msg.usage
+                    yield Chunk(msg.text_delta, _FINISH[msg.finish_reason], Usage(u.prompt_tokens, u.completion_tokens))
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, _FIELDS) from None
+        finally:
+            call.cancel()  # no-op when finished; aborts the engine's work when we stop early
+        if not finished:
+            raise Unavailable("inference ended the stream before the request finished", retry_after=1.0)

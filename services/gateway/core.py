@@ -1,0 +1,161 @@
+"""The gateway's request pipeline.
+
+A request passes an ordered list of policies, then goes to the backend (the inference
+service). Each policy may look at and change the request before dispatch (`admit`)
+and may wrap the resulting chunk stream (`wrap`), which is where authentication,
+quotas, redaction, budgets, rule routing, fallback and the response cache plug in
+without reshaping the pipeline. The stream is relayed chunk by chunk, never buffered.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from services.common import context
+from services.common.errors import FieldViolation
+from services.common.generation import Chunk, GenerationRequest, Message, Role, Sampling, prompt_text, validate_input
+from services.gateway.settings import RouteClassConfig
+
+
+@dataclass(slots=True)
+class Served:
+    """Where a stream is being served; filled in by the backend when it starts."""
+
+    engine: str = ""
+    model: str = ""
+
+
+@dataclass(slots=True)
+class GatewayRequest:
+    """A request on its way through the pipeline; policies may change it."""
+
+    request_id: str
+    route_class: str
+    prompt: str | None
+    messages: tuple[Message, ...]
+    sampling: Sampling
+    #: engine id chosen by routing; "" until a routing policy sets it
+    engine: str = ""
+    #: free-form notes of the policies (e.g. what was trimmed), for logs and responses
+    notes: dict[str, str] = field(default_factory=dict)
+    served: Served = field(default_factory=Served)
+
+    def generation(self) -> GenerationRequest:
+        return GenerationRequest(self.request_id, self.prompt, self.messages, self.sampling)
+
+
+class Policy(abc.ABC):
+    """One step of the pipeline."""
+
+    name: str
+
+    async def admit(self, request: GatewayRequest) -> None:  # noqa: B027 - optional hook
+        """Inspect or change the request before dispatch; raise a ServiceError to refuse it."""
+
+    def wrap(self, request: GatewayRequest, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        """Wrap the response stream (count tokens, redact, cache...); identity by default."""
+        return stream
+
+
+class Backend(Protocol):
+    def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
+        """Generate on request.engine; set request.served once known. Closing aborts."""
+        ...
+
+
+class ValidateInput(Policy):
+    """Structural limits on every field; INVALID_ARGUMENT names the field and the limit."""
+
+    name = "validate"
+
+    def __init__(self, route_classes: Mapping[str, RouteClassConfig]) -> None:
+        self._classes = route_classes
+
+    async def admit(self, request: GatewayRequest) -> None:
+        unknown = []
+        if request.route_class and request.route_class not in self._classes:
+            unknown.append(
+                FieldViolation(
+                    "route_class", f"{request.route_class!r} is not a route class; use one of {sorted(self._classes)}"
+                )
+            )
+        roles = [(m.role if isinstance(m.role, Role) else None, m.content) for m in request.messages]
+        validate_input(request.prompt, roles, request.sampling, sampling_field="params", extra=unknown)
+
+
+class RouteClassDefaults(Policy):
+    """Resolve the route class and apply its decoding defaults and max_tokens limit."""
+
+    name = "route_class"
+
+    def __init__(self, route_classes: Mapping[str, RouteClassConfig], default_class: str) -> None:
+        self._classes = route_classes
+        self._default = default_class
+
+    async def admit(self, request: GatewayRequest) -> None:
+        request.route_class = request.route_class or self._default
+        cfg = self._classes[request.route_class]
+        s, d = request.sampling, cfg.decoding
+        max_tokens = min(s.max_tokens or cfg.default_max_tokens, cfg.max_tokens_limit)
+        if s.max_tokens is not None and s.max_tokens > cfg.max_tokens_limit:
+            request.notes["max_tokens"] = f"clamped from {s.max_tokens} to {cfg.max_tokens_limit}"
+        request.sampling = dataclasses.replace(
+            s,
+            temperature=d.temperature if s.temperature is None else s.temperature,
+            top_p=d.top_p if s.top_p is None else s.top_p,
+            repetition_penalty=d.repetition_penalty if s.repetition_penalty is None else s.repetition_penalty,
+            stop=s.stop or d.stop,
+            max_tokens=max_tokens,
+        )
+        context.annotate(route_class=request.route_class)
+
+
+class StaticRouting(Policy):
+    """The engine configured for the route class (rule routing and fallback come later)."""
+
+    name = "routing"
+
+    def __init__(self, route_classes: Mapping[str, RouteClassConfig]) -> None:
+        self._classes = route_classes
+
+    async def admit(self, request: GatewayRequest) -> None:
+        if not request.engine:
+            request.engine = self._classes[request.route_class].engine
+
+
+class Pipeline:
+    def __init__(self, policies: Sequence[Policy], backend: Backend) -> None:
+        self._policies = list(policies)
+        self._backend = backend
+
+    async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
+        """Admit through every policy, then relay the backend's chunks through their wraps."""
+        for policy in self._policies:
+            await policy.admit(request)
+        context.annotate(
+            engine=request.engine, prompt_sha256=context.prompt_hash(prompt_text(request.prompt, request.messages))
+        )
+        stream = self._backend.stream(request)
+        for policy in self._policies:
+            stream = policy.wrap(request, stream)
+        try:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    context.annotate(
+                        prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens
+                    )
+                yield chunk
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+
+
+def default_policies(route_classes: Mapping[str, RouteClassConfig], default_class: str) -> list[Policy]:
+    return [
+        ValidateInput(route_classes),
+        RouteClassDefaults(route_classes, default_class),
+        StaticRouting(route_classes),
+    ]

@@ -1,0 +1,63 @@
+"""Build and run the gateway service: `python -m services.gateway.server`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from prometheus_client import CollectorRegistry
+from servemesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+
+from services.common.logging import configure_logging
+from services.common.server import GrpcServer, Service, create_server
+from services.common.settings import SettingsError, load_settings, service_config_dir
+from services.common.tracing import configure_tracing
+from services.gateway.backend import InferenceBackend
+from services.gateway.core import Pipeline, default_policies
+from services.gateway.servicer import GatewayServicer
+from services.gateway.settings import GatewaySettings
+from services.gateway.version import ModelInfo, VersionInfo, build_commit
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+async def create_gateway_server(
+    settings: GatewaySettings, registry: CollectorRegistry | None = None
+) -> tuple[GrpcServer, InferenceBackend]:
+    backend = InferenceBackend(settings.inference_target, settings.default_timeout_s)
+    pipeline = Pipeline(default_policies(settings.route_classes, settings.default_route_class), backend)
+
+    async def models() -> list[ModelInfo]:
+        return [ModelInfo(e.name, e.model, e.model_card_sha256) for e in await backend.list_engines()]
+
+    version = VersionInfo(build_commit(settings.build_commit), settings.environment, models)
+    service = Service(
+        SERVICE_NAME, GatewayServicer(pipeline, version), gateway_pb2_grpc.add_GatewayServiceServicer_to_server
+    )
+    server = await create_server(settings, [service], registry=registry)
+    return server, backend
+
+
+async def _serve(settings: GatewaySettings) -> None:
+    shutdown_tracing = configure_tracing("gateway", settings.otlp_endpoint)
+    server, backend = await create_gateway_server(settings)
+    await server.start()
+    print(f"gateway listening on {server.address}", file=sys.stderr, flush=True)
+    try:
+        await server.serve_until_signal()
+    finally:
+        await backend.close()
+        shutdown_tracing()
+
+
+def main() -> None:
+    try:
+        settings = load_settings(GatewaySettings, config_dir=service_config_dir("gateway"))
+    except SettingsError as exc:
+        sys.exit(f"error: {exc}")
+    configure_logging(settings.log_level, "gateway")
+    asyncio.run(_serve(settings))
+
+
+if __name__ == "__main__":
+    main()

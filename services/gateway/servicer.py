@@ -1,0 +1,93 @@
+"""GatewayService: protobuf <-> domain objects, nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from servemesh.gateway.v1 import gateway_pb2 as pb
+from servemesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+
+from services.common import context
+from services.common.generation import Chunk, FinishReason, Message, Role, Sampling
+from services.gateway.core import GatewayRequest, Pipeline
+from services.gateway.version import VersionInfo
+
+_ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
+_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+
+
+def _request(req: pb.StreamGenerateRequest | pb.GenerateRequest) -> GatewayRequest:
+    p = req.params
+    return GatewayRequest(
+        request_id=context.request_id(),
+        route_class=req.route_class,
+        prompt=req.prompt or None,
+        # An unknown role stays None here and is reported, by index, by the validate policy.
+        messages=tuple(Message(_ROLES.get(m.role), m.content) for m in req.messages),  # type: ignore[arg-type]
+        sampling=Sampling(
+            temperature=p.temperature if p.HasField("temperature") else None,
+            top_p=p.top_p if p.HasField("top_p") else None,
+            max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
+            stop=tuple(p.stop),
+            seed=p.seed if p.HasField("seed") else None,
+            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
+        ),
+    )
+
+
+def _usage(chunk: Chunk) -> pb.Usage:
+    u = chunk.usage
+    assert u is not None
+    return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    def __init__(self, pipeline: Pipeline, version: VersionInfo) -> None:
+        self._pipeline = pipeline
+        self._version = version
+
+    async def StreamGenerate(
+        self, request: pb.StreamGenerateRequest, context_: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamGenerateResponse]:
+        req = _request(request)
+        async for chunk in self._pipeline.stream(req):
+            out = pb.StreamGenerateResponse(
+                text_delta=chunk.text,
+                engine=req.served.engine,
+                model=req.served.model,
+                request_id=req.request_id,
+                route_class=req.route_class,
+            )
+            if chunk.finish_reason is not None:
+                out.finish_reason = _FINISH[chunk.finish_reason]
+                out.usage.CopyFrom(_usage(chunk))
+            yield out
+
+    async def Generate(self, request: pb.GenerateRequest, context_: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        req = _request(request)
+        parts: list[str] = []
+        last: Chunk | None = None
+        async for last in self._pipeline.stream(req):
+            parts.append(last.text)
+        assert last is not None and last.finish_reason is not None  # the backend guarantees a final chunk
+        return pb.GenerateResponse(
+            text="".join(parts),
+            finish_reason=_FINISH[last.finish_reason],
+            usage=_usage(last),
+            engine=req.served.engine,
+            model=req.served.model,
+            request_id=req.request_id,
+            route_class=req.route_class,
+        )
+
+    async def GetVersion(
+        self, request: pb.GetVersionRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.GetVersionResponse:
+        info = await self._version.current()
+        return pb.GetVersionResponse(
+            version=info.version,
+            build_commit=info.build_commit,
+            environment=info.environment,
+            models=[pb.ModelVersion(engine=m.engine, model=m.model, card_sha256=m.card_sha256) for m in info.models],
+        )

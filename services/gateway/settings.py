@@ -1,0 +1,77 @@
+"""Settings of the gateway service."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.generation import MAX_TOKENS_RANGE, REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE
+from services.common.settings import ServiceSettings
+
+
+class DecodingDefaults(BaseModel):
+    """Applied to a request's unset decoding parameters."""
+
+    model_config = {"extra": "forbid"}
+
+    temperature: float = Field(0.7, ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1])
+    stop: tuple[str, ...] = ()
+
+
+class RouteClassConfig(BaseModel):
+    """What a route class (chat_short, rag_long, code, ...) maps to."""
+
+    model_config = {"extra": "forbid"}
+
+    #: engine id in the inference service ("vllm", "small", ...)
+    engine: str = Field(pattern=r"^[a-z][a-z0-9-]{0,62}$")
+    #: max_tokens when the request sets none
+    default_max_tokens: int = Field(256, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
+    #: a larger requested max_tokens is clamped to this
+    max_tokens_limit: int = Field(512, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
+    decoding: DecodingDefaults = Field(default_factory=DecodingDefaults)
+
+    @model_validator(mode="after")
+    def _order(self) -> RouteClassConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens_limit ({self.max_tokens_limit})"
+            )
+        return self
+
+
+def _default_classes() -> dict[str, RouteClassConfig]:
+    return {
+        "chat_short": RouteClassConfig(engine="vllm", default_max_tokens=128, max_tokens_limit=256),
+        "rag_long": RouteClassConfig(engine="vllm", default_max_tokens=256, max_tokens_limit=512),
+        "code": RouteClassConfig(
+            engine="vllm", default_max_tokens=256, max_tokens_limit=512, decoding=DecodingDefaults(temperature=0.2)
+        ),
+    }
+
+
+class GatewaySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SERVEMESH_GATEWAY_", env_nested_delimiter="__", extra="forbid")
+    service_name: ClassVar[str] = "gateway"
+
+    port: int = Field(50050, ge=0, le=65535)
+    #: host:port of the inference service
+    inference_target: str = "127.0.0.1:50051"
+    #: deadline given to a request whose caller set none, in seconds
+    default_timeout_s: float = Field(300.0, gt=0, le=3600)
+    route_classes: dict[str, RouteClassConfig] = Field(default_factory=_default_classes, min_length=1)
+    default_route_class: str = "chat_short"
+    #: reported by GetVersion; "" = read from git at start-up
+    build_commit: str = ""
+
+    @model_validator(mode="after")
+    def _default_known(self) -> GatewaySettings:
+        if self.default_route_class not in self.route_classes:
+            raise ValueError(
+                f"default_route_class: {self.default_route_class!r} is not one of {sorted(self.route_classes)}"
+            )
+        return self

@@ -1,0 +1,123 @@
+"""The gateway pipeline and its policies, each on its own (no servers)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.common.errors import InvalidArgument
+from services.common.generation import Chunk, FinishReason, Message, Role, Sampling, Usage
+from services.gateway.core import GatewayRequest, Pipeline, Policy, RouteClassDefaults, StaticRouting, ValidateInput
+from services.gateway.settings import DecodingDefaults, GatewaySettings, RouteClassConfig
+
+CLASSES = {
+    "chat_short": RouteClassConfig(
+        engine="vllm",
+        default_max_tokens=128,
+        max_tokens_limit=256,
+        decoding=DecodingDefaults(temperature=0.7, stop=("###",)),
+    ),
+    "code": RouteClassConfig(engine="small", default_max_tokens=64, max_tokens_limit=512),
+}
+
+
+def _req(**kw) -> GatewayRequest:
+    base = dict(request_id="r", route_class="", prompt="hi", messages=(), sampling=Sampling())
+    return GatewayRequest(**(base | kw))
+
+
+async def test_route_class_defaults_fill_unset_params_and_clamp_max_tokens() -> None:
+    policy = RouteClassDefaults(CLASSES, "chat_short")
+    req = _req(sampling=Sampling(max_tokens=1000, top_p=0.5))
+    await policy.admit(req)
+    assert req.route_class == "chat_short"
+    s = req.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.stop) == (256, 0.7, 0.5, ("###",))
+    assert req.notes["max_tokens"] == "clamped from 1000 to 256"
+    explicit = _req(route_class="code", sampling=Sampling(temperature=0.0))
+    await policy.admit(explicit)
+    assert (explicit.sampling.max_tokens, explicit.sampling.temperature) == (64, 0.0)  # 0 is kept, not defaulted
+
+
+async def test_static_routing_uses_the_class_engine_unless_one_is_chosen() -> None:
+    routing = StaticRouting(CLASSES)
+    req = _req(route_class="code")
+    await routing.admit(req)
+    assert req.engine == "small"
+    chosen = _req(route_class="code", engine="vllm")
+    await routing.admit(chosen)
+    assert chosen.engine == "vllm"
+
+
+async def test_validate_names_unknown_route_class_and_bad_fields() -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        await ValidateInput(CLASSES).admit(
+            _req(
+                route_class="rag_huge",
+                prompt=None,
+                messages=(Message(None, "x"),),  # type: ignore[arg-type]
+                sampling=Sampling(temperature=-1),
+            )
+        )
+    fields = {v.field for v in exc.value.violations}
+    assert fields == {"route_class", "messages[0].role", "params.temperature"}
+
+
+class _Recorder(Policy):
+    name = "recorder"
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    async def admit(self, request: GatewayRequest) -> None:
+        self.log.append(f"admit:{request.engine or '-'}")
+
+    def wrap(self, request: GatewayRequest, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        async def wrapped() -> AsyncIterator[Chunk]:
+            async for chunk in stream:
+                self.log.append(f"chunk:{chunk.text}")
+                yield chunk
+
+        return wrapped()
+
+
+class _Backend:
+    def __init__(self) -> None:
+        self.closed = False
+        self.engine = ""
+
+    async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
+        self.engine = request.engine
+        try:
+            for text in ("a", "b", "c"):
+                yield Chunk(text)
+            yield Chunk("", FinishReason.STOP, Usage(3, 3))
+        finally:
+            self.closed = True
+
+
+async def test_pipeline_admits_in_order_relays_each_chunk_and_closes_the_backend_early() -> None:
+    log: list[str] = []
+    backend = _Backend()
+    pipeline = Pipeline(
+        [ValidateInput(CLASSES), RouteClassDefaults(CLASSES, "chat_short"), StaticRouting(CLASSES), _Recorder(log)],
+        backend,
+    )
+    out = [c.text async for c in pipeline.stream(_req())]
+    assert out == ["a", "b", "c", ""] and backend.engine == "vllm"
+    assert log == ["admit:vllm", "chunk:a", "chunk:b", "chunk:c", "chunk:"]
+    # a consumer that stops early closes the backend stream (which aborts the engine work)
+    backend2 = _Backend()
+    stream = Pipeline([StaticRouting(CLASSES)], backend2).stream(_req(route_class="code"))
+    assert (await anext(stream)).text == "a"
+    await stream.aclose()
+    assert backend2.closed
+
+
+def test_settings_reject_inconsistent_route_classes() -> None:
+    with pytest.raises(ValueError, match=r"default_max_tokens \(300\) must be <= max_tokens_limit \(200\)"):
+        RouteClassConfig(engine="vllm", default_max_tokens=300, max_tokens_limit=200)
+    with pytest.raises(ValueError, match="default_route_class"):
+        GatewaySettings(route_classes=CLASSES, default_route_class="nope")
+    assert Message(Role.USER, "x").role is Role.USER
