@@ -1,0 +1,36 @@
+# The two commands of the README: `make up` and `make test`. Both install what they
+# need first (idempotent; a fresh machine takes a few minutes, later runs seconds).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install up test protos check-protos lint
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+up: install
+	$(BIN)/servemesh up
+
+# Contracts (stubs in sync, buf lint, buf breaking), lint, then every test. The real
+# vLLM engine and the model are set up by the test session on first use.
+test: install check-protos lint
+	$(BIN)/servemesh models prepare
+	$(BIN)/pytest
+
+protos: install
+	$(BIN)/python -m devtools.protos generate
+
+check-protos: install
+	$(BIN)/python -m devtools.protos check
+	$(BIN)/python -m devtools.protos lint
+	$(BIN)/python -m devtools.protos breaking
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
