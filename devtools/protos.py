@@ -90,11 +90,7 @@ def _tree_diff(a: Path, b: Path) -> list[str]:
     def files(root: Path) -> set[str]:
         if not root.exists():
             return set()
-        return {
-            str(p.relative_to(root))
-            for p in root.rglob("*")
-            if p.is_file() and "__pycache__" not in p.parts
-        }
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
 
     fa, fb = files(a), files(b)
     out = [f"missing: {f}" for f in sorted(fa - fb)] + [f"extra: {f}" for f in sorted(fb - fa)]
@@ -129,8 +125,18 @@ def breaking() -> int:
             (work / "img").mkdir(parents=True)
             new_img = image(new_dir, work / "img")
             old_img = image(old_dir, old_dir.parent)
-            rc = _buf(["breaking", str(new_img), "--against", str(old_img), "--path", "servemesh",
-                       "--config", str(ROOT / "buf.yaml")])
+            rc = _buf(
+                [
+                    "breaking",
+                    str(new_img),
+                    "--against",
+                    str(old_img),
+                    "--path",
+                    "servemesh",
+                    "--config",
+                    str(ROOT / "buf.yaml"),
+                ]
+            )
             label = "work tree" if new is None else new[:12]
             print(f"buf breaking: {label} against {old}: {'ok' if rc == 0 else 'BREAKING'}")
             failed |= rc
@@ -139,12 +145,21 @@ def breaking() -> int:
 
 def _export(rev: str, dest: Path) -> Path | None:
     """Write protos/ as of `rev` into dest/protos; None when that revision has none."""
-    exists = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ROOT,
-                            capture_output=True).returncode == 0
+    exists = (
+        subprocess.run(
+            ["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=ROOT, capture_output=True
+        ).returncode
+        == 0
+    )
     if not exists:
         return None
-    files = subprocess.run(["git", "ls-tree", "-r", "--name-only", rev, "--", "protos"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-tree", "-r", "--name-only", rev, "--", "protos"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if not files:
         return None
     for name in files:

@@ -53,8 +53,7 @@ def insecure_channel(
 
 
 _ERROR_CLASSES: dict[str, type[ServiceError]] = {
-    cls.code.value: cls
-    for cls in (NotFound, FailedPrecondition, ResourceExhausted, Unavailable, DeadlineExceeded)
+    cls.code.value: cls for cls in (NotFound, FailedPrecondition, ResourceExhausted, Unavailable, DeadlineExceeded)
 }
 # Other downstream codes: a call cut short (e.g. the peer draining) is worth retrying and a
 # conflict stays a conflict; anything else (UNKNOWN, UNIMPLEMENTED, PERMISSION_DENIED between
@@ -108,9 +107,7 @@ def _rename(field: str, field_map: Mapping[str, str]) -> str:
     return field
 
 
-def _invalid_argument(
-    violations: list[FieldViolation], message: str, retry_after: float | None
-) -> InvalidArgument:
+def _invalid_argument(violations: list[FieldViolation], message: str, retry_after: float | None) -> InvalidArgument:
     invalid = InvalidArgument(violations)
     if not violations:  # a plain INVALID_ARGUMENT without BadRequest: keep its message
         invalid.message = message

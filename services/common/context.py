@@ -16,9 +16,7 @@ from typing import Any
 
 # Names annotate() may not use: the LogRecord attributes plus the keys every JSON log
 # line or access-log line already carries.
-RESERVED_LOG_FIELDS: frozenset[str] = frozenset(
-    vars(logging.LogRecord("", logging.INFO, "", 0, "", (), None))
-) | {
+RESERVED_LOG_FIELDS: frozenset[str] = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "", (), None))) | {
     "message",
     "asctime",
     "ts",

@@ -73,3 +73,9 @@ class Unavailable(ServiceError):
 
 class DeadlineExceeded(ServiceError):
     code = Code.DEADLINE_EXCEEDED
+
+
+class Aborted(ServiceError):
+    """The request was aborted (an engine's abort(), or the engine closed)."""
+
+    code = Code.ABORTED

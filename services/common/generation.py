@@ -93,8 +93,17 @@ def validate_input(
     extra: Sequence[FieldViolation] = (),
 ) -> None:
     """Raise InvalidArgument listing every violation (`extra` ones from the caller first)."""
-    bad = [*extra, *input_violations(prompt, messages, sampling, prompt_field=prompt_field,
-                                      messages_field=messages_field, sampling_field=sampling_field)]
+    bad = [
+        *extra,
+        *input_violations(
+            prompt,
+            messages,
+            sampling,
+            prompt_field=prompt_field,
+            messages_field=messages_field,
+            sampling_field=sampling_field,
+        ),
+    ]
     if bad:
         raise InvalidArgument(bad)
 
@@ -126,14 +135,15 @@ def input_violations(
         elif not content and role is not Role.ASSISTANT:
             bad.append(FieldViolation(f"{where}.content", "must not be empty"))
         if len(content) > MAX_PROMPT_CHARS:
-            bad.append(FieldViolation(f"{where}.content",
-                                      f"is {len(content)} characters; the limit is {MAX_PROMPT_CHARS}"))
+            bad.append(
+                FieldViolation(f"{where}.content", f"is {len(content)} characters; the limit is {MAX_PROMPT_CHARS}")
+            )
     if messages and messages[-1][0] is Role.ASSISTANT and not messages[-1][1]:
         bad.append(FieldViolation(f"{messages_field}[{len(messages) - 1}].content", "must not be empty"))
-    return bad + _sampling_violations(sampling, sampling_field)
+    return bad + sampling_violations(sampling, sampling_field)
 
 
-def _sampling_violations(s: Sampling, prefix: str) -> list[FieldViolation]:
+def sampling_violations(s: Sampling, prefix: str) -> list[FieldViolation]:
     bad: list[FieldViolation] = []
 
     def check(name: str, value: float | None, lo: float, hi: float, lo_open: bool = False) -> None:

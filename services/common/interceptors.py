@@ -32,9 +32,7 @@ ERROR_DOMAIN = "servemesh.local"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Probes and tooling: their successful calls are logged at DEBUG so probes do not flood the log.
-QUIET_SERVICES: frozenset[str] = frozenset(
-    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
-)
+QUIET_SERVICES: frozenset[str] = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"})
 
 access_log = logging.getLogger("servemesh.access")
 _log = logging.getLogger(__name__)
@@ -132,9 +130,7 @@ class _Context:
         await self.ensure_initial_metadata()
         await self._inner.write(message)
 
-    async def abort(
-        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()
-    ) -> NoReturn:
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()) -> NoReturn:
         if not self._metadata_sent:
             try:
                 await self.send_initial_metadata(())
@@ -177,16 +173,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self._unary(handler.unary_unary, full_method), **codec)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, full_method), **codec
-            )
+            return grpc.stream_unary_rpc_method_handler(self._unary(handler.stream_unary, full_method), **codec)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(handler.unary_stream, full_method), **codec
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(handler.stream_stream, full_method), **codec
-        )
+            return grpc.unary_stream_rpc_method_handler(self._stream(handler.unary_stream, full_method), **codec)
+        return grpc.stream_stream_rpc_method_handler(self._stream(handler.stream_stream, full_method), **codec)
 
     def _unary(self, behavior: Behavior, full_method: str) -> Behavior:
         async def handle(request: Any, grpc_context: grpc.aio.ServicerContext) -> Any:
@@ -339,16 +329,12 @@ class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
 
 
 class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
-    async def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(_propagate(client_call_details), request_iterator)
 
 
 class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
-    async def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
         return await continuation(_propagate(client_call_details), request_iterator)
 
 

@@ -16,9 +16,10 @@ from opentelemetry import trace
 
 from services.common import context
 
-_STANDARD_ATTRS: frozenset[str] = frozenset(
-    vars(logging.LogRecord("", logging.INFO, "", 0, "", (), None))
-) | {"message", "asctime"}
+_STANDARD_ATTRS: frozenset[str] = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "", (), None))) | {
+    "message",
+    "asctime",
+}
 
 
 class JsonFormatter(logging.Formatter):

@@ -135,9 +135,7 @@ class GrpcServer:
         timed_out = await asyncio.shield(self.server.wait_for_termination(timeout))
         return not timed_out
 
-    async def serve_until_signal(
-        self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
-    ) -> None:
+    async def serve_until_signal(self, signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> None:
         """Serve until SIGTERM/SIGINT (or stop()), then stop(settings.grace_period_s); returns once stopped."""
         await self.start()
         loop = asyncio.get_running_loop()

@@ -99,9 +99,7 @@ class _MappingEnvSource(EnvSettingsSource):
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(
-            self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str
-        )
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
 
 
 def load_settings(
@@ -118,8 +116,7 @@ def load_settings(
     environment = env.get(APP_ENV, "dev")
     if environment not in ENVIRONMENTS:
         raise SettingsError(
-            f"{cls.service_name} settings invalid: {APP_ENV}={environment!r}: "
-            f"must be one of {', '.join(ENVIRONMENTS)}"
+            f"{cls.service_name} settings invalid: {APP_ENV}={environment!r}: must be one of {', '.join(ENVIRONMENTS)}"
         )
     yaml_file = Path(config_dir) / f"{environment}.yaml"
     token = _load_inputs.set(_LoadInputs(yaml_file=yaml_file, environ=env))
@@ -189,9 +186,7 @@ def _env_var_name(cls: type[ServiceSettings], path: list[str]) -> str:
 
 def _show(cls: type[ServiceSettings], path: list[str], value: Any) -> str:
     field = cls.model_fields.get(path[0]) if path else None
-    if field is not None and any(
-        t in repr(field.annotation) for t in (SecretStr.__name__, SecretBytes.__name__)
-    ):
+    if field is not None and any(t in repr(field.annotation) for t in (SecretStr.__name__, SecretBytes.__name__)):
         return "***"
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."

@@ -64,9 +64,7 @@ class TestServicer:
         assert self.downstream is not None
         here = self._seen(ctx)
         async with insecure_channel(self.downstream) as channel:
-            echo = channel.unary_unary(
-                f"/{SERVICE_NAME}/Echo", StringValue.SerializeToString, StringValue.FromString
-            )
+            echo = channel.unary_unary(f"/{SERVICE_NAME}/Echo", StringValue.SerializeToString, StringValue.FromString)
             count = channel.unary_stream(
                 f"/{SERVICE_NAME}/Count", StringValue.SerializeToString, StringValue.FromString
             )

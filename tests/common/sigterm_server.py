@@ -17,9 +17,7 @@ from services.common.settings import ServiceSettings
 
 async def main(grace_period_s: float) -> None:
     configure_logging("INFO", "sigterm-test")
-    server = await create_server(
-        ServiceSettings(grace_period_s=grace_period_s), [service_for(TestServicer())]
-    )
+    server = await create_server(ServiceSettings(grace_period_s=grace_period_s), [service_for(TestServicer())])
     await server.start()
     print(f"PORT {server.port}", flush=True)
     await server.serve_until_signal()

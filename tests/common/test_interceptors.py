@@ -51,9 +51,7 @@ def detail(status, message_type):
 
 async def test_unary_echoes_given_request_id(make_server, channel_to):
     server, _ = await make_server()
-    call = Stub(channel_to(server.address)).Echo(
-        StringValue(value="x"), metadata=(("x-request-id", "req-123"),)
-    )
+    call = Stub(channel_to(server.address)).Echo(StringValue(value="x"), metadata=(("x-request-id", "req-123"),))
     body = json.loads((await call).value)
     assert body["request_id"] == "req-123"
     assert ("x-request-id", "req-123") in tuple(await call.initial_metadata())
@@ -71,9 +69,7 @@ async def test_unary_mints_request_id_when_absent(make_server, channel_to):
 
 async def test_malformed_request_id_is_replaced(make_server, channel_to):
     server, _ = await make_server()
-    call = Stub(channel_to(server.address)).Echo(
-        StringValue(value="x"), metadata=(("x-request-id", '{"a": 1} ' * 30),)
-    )
+    call = Stub(channel_to(server.address)).Echo(StringValue(value="x"), metadata=(("x-request-id", '{"a": 1} ' * 30),))
     assert len(json.loads((await call).value)["request_id"]) == 32
 
 
@@ -183,16 +179,12 @@ async def test_trace_context_propagates(make_server, channel_to):
 async def test_invalid_argument_has_bad_request_details(make_server, channel_to):
     server, _ = await make_server()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await Stub(channel_to(server.address)).Echo(
-            StringValue(value="invalid"), metadata=(("x-request-id", "e-1"),)
-        )
+        await Stub(channel_to(server.address)).Echo(StringValue(value="invalid"), metadata=(("x-request-id", "e-1"),))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(err.value)
     assert status is not None
     bad_request = detail(status, error_details_pb2.BadRequest)
-    assert [(v.field, v.description) for v in bad_request.field_violations] == [
-        ("prompt", "must not be empty")
-    ]
+    assert [(v.field, v.description) for v in bad_request.field_violations] == [("prompt", "must not be empty")]
     info = detail(status, error_details_pb2.ErrorInfo)
     assert info.reason == "INVALID_ARGUMENT" and info.metadata["request_id"] == "e-1"
     assert dict(err.value.trailing_metadata())["x-request-id"] == "e-1"
@@ -226,9 +218,7 @@ async def test_error_mid_stream_after_messages(make_server, channel_to):
 async def test_unexpected_exception_is_internal_without_leaking(make_server, channel_to, caplog):
     server, _ = await make_server()
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await Stub(channel_to(server.address)).Echo(
-            StringValue(value="boom"), metadata=(("x-request-id", "b-1"),)
-        )
+        await Stub(channel_to(server.address)).Echo(StringValue(value="boom"), metadata=(("x-request-id", "b-1"),))
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "secret-detail-xyz" not in err.value.details() and "RuntimeError" not in err.value.details()
     assert "b-1" in err.value.details()

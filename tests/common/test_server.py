@@ -61,9 +61,7 @@ class _AbortingContext:
 
 
 async def test_health_not_serving_until_started():
-    server = await create_server(
-        ServiceSettings(), [service_for(TestServicer())], registry=CollectorRegistry()
-    )
+    server = await create_server(ServiceSettings(), [service_for(TestServicer())], registry=CollectorRegistry())
     try:
         request = health_pb2.HealthCheckRequest(service="")
         assert (await server.health.Check(request, _AbortingContext())).status == NOT_SERVING

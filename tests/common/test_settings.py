@@ -88,9 +88,7 @@ def test_every_bad_key_is_reported(config_dir):
         "engine.max_batch=1000: must be <= 256 (key 'engine.max_batch', env SERVEMESH_INFERENCE_ENGINE__MAX_BATCH)"
         in message
     )
-    assert (
-        "metrics_port=-1: must be >= 0 (key 'metrics_port', env SERVEMESH_INFERENCE_METRICS_PORT)" in message
-    )
+    assert "metrics_port=-1: must be >= 0 (key 'metrics_port', env SERVEMESH_INFERENCE_METRICS_PORT)" in message
 
 
 def test_bad_app_env_is_named(config_dir):

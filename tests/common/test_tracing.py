@@ -45,10 +45,7 @@ async def test_spans_are_exported_over_otlp_grpc():
         await server.stop(0)
     resource_spans = [rs for request in collector.requests for rs in request.resource_spans]
     service_names = {
-        a.value.string_value
-        for rs in resource_spans
-        for a in rs.resource.attributes
-        if a.key == "service.name"
+        a.value.string_value for rs in resource_spans for a in rs.resource.attributes if a.key == "service.name"
     }
     span_names = [s.name for rs in resource_spans for ss in rs.scope_spans for s in ss.spans]
     assert service_names == {"inference"} and span_names == ["generate"]
