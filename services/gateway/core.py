@@ -68,7 +68,9 @@ class Backend(Protocol):
 
 
 class ValidateInput(Policy):
-    """Structural limits on every field; INVALID_ARGUMENT names the field and the limit."""
+    """Structural limits on every field; INVALID_ARGUMENT names the field and the limit.
+    A valid `prompt` then becomes the one user message it stands for, so every later
+    policy and the engine see a conversation."""
 
     name = "validate"
 
@@ -85,6 +87,8 @@ class ValidateInput(Policy):
             )
         roles = [(m.role if isinstance(m.role, Role) else None, m.content) for m in request.messages]
         validate_input(request.prompt, roles, request.sampling, sampling_field="params", extra=unknown)
+        if request.prompt is not None:
+            request.messages, request.prompt = (Message(Role.USER, request.prompt),), None
 
 
 class RouteClassDefaults(Policy):

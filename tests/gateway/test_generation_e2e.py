@@ -80,6 +80,17 @@ async def test_stream_is_ordered_complete_and_usage_agrees(gateway_channel, infe
     assert {c.route_class for c in chunks} == {"chat_short"}
 
 
+async def test_a_prompt_is_sent_as_one_user_message(gateway_channel, inference_channel) -> None:
+    """The public `prompt` is a user turn (chat template applied), not raw completion text."""
+    reply = await pb_grpc.GatewayServiceStub(gateway_channel).Generate(
+        pb.GenerateRequest(prompt=QUESTION, params=pb.DecodingParams(max_tokens=2))
+    )
+    templated = await ipb_grpc.InferenceServiceStub(inference_channel).Tokenize(
+        ipb.TokenizeRequest(messages=[ipb.ChatMessage(role=ipb.ROLE_USER, content=QUESTION)])
+    )
+    assert reply.usage.prompt_tokens == templated.token_count
+
+
 async def test_temperature_zero_is_repeatable(gateway_channel) -> None:
     """Seed smoke test: a deterministic generation gives the same text hash twice."""
     stub = pb_grpc.GatewayServiceStub(gateway_channel)

@@ -121,3 +121,9 @@ def test_settings_reject_inconsistent_route_classes() -> None:
     with pytest.raises(ValueError, match="default_route_class"):
         GatewaySettings(route_classes=CLASSES, default_route_class="nope")
     assert Message(Role.USER, "x").role is Role.USER
+
+
+async def test_a_prompt_becomes_one_user_message_after_validation() -> None:
+    req = _req(prompt="What is a mesh?")
+    await ValidateInput(CLASSES).admit(req)
+    assert (req.prompt, req.messages) == (None, (Message(Role.USER, "What is a mesh?"),))
