@@ -75,3 +75,36 @@ def stop_metrics_server(server: WSGIServer) -> None:
     """Stop serving and close the socket (blocks up to ~0.5 s: the serve_forever poll interval)."""
     server.shutdown()
     server.server_close()
+
+
+# 10 ms .. 60 s: time to first token under load, on CPU and GPU engines.
+TTFT_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.2, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class GenerationMetrics:
+    """What the SLOs are written against: time to first token and tokens, by route class
+    and engine (both bounded, configured sets)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ttft = Histogram(
+            "servemesh_generation_time_to_first_token_seconds",
+            "Time from receiving a generation request to its first text.",
+            ["route_class", "engine"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "servemesh_generation_tokens_total",
+            "Tokens of finished generations, by kind (prompt or completion).",
+            ["route_class", "engine", "kind"],
+            registry=registry,
+        )
+
+    def first_token(self, route_class: str, engine: str, seconds: float) -> None:
+        self.ttft.labels(route_class, engine).observe(seconds)
+
+    def finished(self, route_class: str, engine: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.tokens.labels(route_class, engine, "prompt").inc(prompt_tokens)
+        self.tokens.labels(route_class, engine, "completion").inc(completion_tokens)

@@ -11,12 +11,14 @@ from servemesh.inference.v1 import inference_pb2_grpc as ipb_grpc
 from services.common.client import error_from_rpc, insecure_channel
 from services.common.errors import Unavailable
 from services.common.generation import Chunk, FinishReason, Role, Usage
+from services.common.interceptors import ENGINE_TTFT_KEY
 from services.gateway.core import GatewayRequest
 
 _ROLES = {Role.SYSTEM: ipb.ROLE_SYSTEM, Role.USER: ipb.ROLE_USER, Role.ASSISTANT: ipb.ROLE_ASSISTANT}
 _FINISH = {ipb.FINISH_REASON_STOP: FinishReason.STOP, ipb.FINISH_REASON_LENGTH: FinishReason.LENGTH}
 #: inference field paths -> the gateway's public ones, for errors relayed to the client
 _FIELDS = {"sampling": "params"}
+_FIELDS_FROM_PROMPT = _FIELDS | {"messages": "prompt", "messages[0].content": "prompt"}
 
 
 class InferenceBackend:
@@ -66,8 +68,11 @@ class InferenceBackend:
                     u = msg.usage
                     yield Chunk(msg.text_delta, _FINISH[msg.finish_reason], Usage(u.prompt_tokens, u.completion_tokens))
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, _FIELDS) from None
+            raise error_from_rpc(exc, _FIELDS_FROM_PROMPT if request.from_prompt else _FIELDS) from None
         finally:
             call.cancel()  # no-op when finished; aborts the engine's work when we stop early
+        for key, value in await call.trailing_metadata() or ():
+            if key == ENGINE_TTFT_KEY:
+                request.served.engine_ttft_ms = value
         if not finished:
             raise Unavailable("inference ended the stream before the request finished", retry_after=1.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,6 +28,8 @@ class Served:
 
     engine: str = ""
     model: str = ""
+    #: milliseconds from the inference service asking the engine to its first text
+    engine_ttft_ms: str = ""
 
 
 @dataclass(slots=True)
@@ -40,9 +43,13 @@ class GatewayRequest:
     sampling: Sampling
     #: engine id chosen by routing; "" until a routing policy sets it
     engine: str = ""
+    #: the request came as `prompt`, now messages[0]: errors about it must name "prompt"
+    from_prompt: bool = False
     #: free-form notes of the policies (e.g. what was trimmed), for logs and responses
     notes: dict[str, str] = field(default_factory=dict)
     served: Served = field(default_factory=Served)
+    #: time.perf_counter() when the gateway received the request
+    received_at: float = field(default_factory=time.perf_counter)
 
     def generation(self) -> GenerationRequest:
         return GenerationRequest(self.request_id, self.prompt, self.messages, self.sampling)
@@ -89,6 +96,7 @@ class ValidateInput(Policy):
         validate_input(request.prompt, roles, request.sampling, sampling_field="params", extra=unknown)
         if request.prompt is not None:
             request.messages, request.prompt = (Message(Role.USER, request.prompt),), None
+            request.from_prompt = True
 
 
 class RouteClassDefaults(Policy):
@@ -131,6 +139,37 @@ class StaticRouting(Policy):
             request.engine = self._classes[request.route_class].engine
 
 
+class GenerationRecorder(Protocol):
+    def first_token(self, route_class: str, engine: str, seconds: float) -> None: ...
+
+    def finished(self, route_class: str, engine: str, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+class MeasureGeneration(Policy):
+    """Time to first token and token counts per route class and engine (the SLO inputs)."""
+
+    name = "measure"
+
+    def __init__(self, recorder: GenerationRecorder) -> None:
+        self._recorder = recorder
+
+    def wrap(self, request: GatewayRequest, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        async def measured() -> AsyncIterator[Chunk]:
+            first = True
+            async for chunk in stream:
+                if first and chunk.text:
+                    first = False
+                    elapsed = time.perf_counter() - request.received_at
+                    self._recorder.first_token(request.route_class, request.engine, elapsed)
+                if chunk.usage is not None:
+                    self._recorder.finished(
+                        request.route_class, request.engine, chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+                    )
+                yield chunk
+
+        return measured()
+
+
 class Pipeline:
     def __init__(self, policies: Sequence[Policy], backend: Backend) -> None:
         self._policies = list(policies)
@@ -143,23 +182,29 @@ class Pipeline:
         context.annotate(
             engine=request.engine, prompt_sha256=context.prompt_hash(prompt_text(request.prompt, request.messages))
         )
-        stream = self._backend.stream(request)
+        layers = [self._backend.stream(request)]
         for policy in self._policies:
-            stream = policy.wrap(request, stream)
+            layers.append(policy.wrap(request, layers[-1]))
         try:
-            async for chunk in stream:
+            async for chunk in layers[-1]:
                 if chunk.usage is not None:
                     context.annotate(
                         prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens
                     )
                 yield chunk
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            # Close every layer now, outermost first: a wrap that stops iterating does not
+            # close the stream it wraps, and the backend's close is what aborts the engine.
+            for layer in reversed(layers):
+                await layer.aclose()  # type: ignore[attr-defined]
 
 
-def default_policies(route_classes: Mapping[str, RouteClassConfig], default_class: str) -> list[Policy]:
+def default_policies(
+    route_classes: Mapping[str, RouteClassConfig], default_class: str, recorder: GenerationRecorder
+) -> list[Policy]:
     return [
         ValidateInput(route_classes),
         RouteClassDefaults(route_classes, default_class),
         StaticRouting(route_classes),
+        MeasureGeneration(recorder),
     ]

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from servemesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.logging import configure_logging
+from services.common.metrics import GenerationMetrics, new_registry
 from services.common.server import GrpcServer, Service, create_server
 from services.common.settings import SettingsError, load_settings, service_config_dir
 from services.common.tracing import configure_tracing
@@ -24,8 +25,10 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 async def create_gateway_server(
     settings: GatewaySettings, registry: CollectorRegistry | None = None
 ) -> tuple[GrpcServer, InferenceBackend]:
+    registry = registry if registry is not None else new_registry()
     backend = InferenceBackend(settings.inference_target, settings.default_timeout_s)
-    pipeline = Pipeline(default_policies(settings.route_classes, settings.default_route_class), backend)
+    policies = default_policies(settings.route_classes, settings.default_route_class, GenerationMetrics(registry))
+    pipeline = Pipeline(policies, backend)
 
     async def models() -> list[ModelInfo]:
         return [ModelInfo(e.name, e.model, e.model_card_sha256) for e in await backend.list_engines()]

@@ -10,6 +10,7 @@ from servemesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
 
 from services.common import context
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling
+from services.common.interceptors import ENGINE_TTFT_KEY
 from services.gateway.core import GatewayRequest, Pipeline
 from services.gateway.version import VersionInfo
 
@@ -42,6 +43,11 @@ def _usage(chunk: Chunk) -> pb.Usage:
     return pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
 
 
+def _relay_timing(context_: grpc.aio.ServicerContext, req: GatewayRequest) -> None:
+    if req.served.engine_ttft_ms:
+        context_.set_trailing_metadata(((ENGINE_TTFT_KEY, req.served.engine_ttft_ms),))
+
+
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def __init__(self, pipeline: Pipeline, version: VersionInfo) -> None:
         self._pipeline = pipeline
@@ -63,6 +69,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 out.finish_reason = _FINISH[chunk.finish_reason]
                 out.usage.CopyFrom(_usage(chunk))
             yield out
+        _relay_timing(context_, req)
 
     async def Generate(self, request: pb.GenerateRequest, context_: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         req = _request(request)
@@ -71,6 +78,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         async for last in self._pipeline.stream(req):
             parts.append(last.text)
         assert last is not None and last.finish_reason is not None  # the backend guarantees a final chunk
+        _relay_timing(context_, req)
         return pb.GenerateResponse(
             text="".join(parts),
             finish_reason=_FINISH[last.finish_reason],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import time
 
 import grpc
 import httpx
@@ -89,6 +90,42 @@ async def test_a_prompt_is_sent_as_one_user_message(gateway_channel, inference_c
         ipb.TokenizeRequest(messages=[ipb.ChatMessage(role=ipb.ROLE_USER, content=QUESTION)])
     )
     assert reply.usage.prompt_tokens == templated.token_count
+
+
+async def test_gateway_measures_ttft_and_tokens_per_route_class(gateway_channel, mesh) -> None:
+    labels = {"route_class": "code", "engine": "vllm"}
+    reg = mesh.gateway_registry
+
+    def value(name: str, **extra: str) -> float:
+        return reg.get_sample_value(name, labels | extra) or 0.0
+
+    before = value("servemesh_generation_time_to_first_token_seconds_count")
+    tokens_before = value("servemesh_generation_tokens_total", kind="completion")
+    stub = pb_grpc.GatewayServiceStub(gateway_channel)
+    chunks = [
+        c
+        async for c in stub.StreamGenerate(
+            pb.StreamGenerateRequest(prompt="Hi", route_class="code", params=pb.DecodingParams(max_tokens=5))
+        )
+    ]
+    assert value("servemesh_generation_time_to_first_token_seconds_count") == before + 1
+    completion = value("servemesh_generation_tokens_total", kind="completion") - tokens_before
+    assert completion == chunks[-1].usage.completion_tokens > 0
+
+
+async def test_engine_ttft_trailer_reaches_the_client(gateway_channel) -> None:
+    """The engine's own TTFT comes back as a trailer through both hops, so a caller can
+    tell what the mesh added to its TTFT."""
+    stub = pb_grpc.GatewayServiceStub(gateway_channel)
+    start = time.perf_counter()
+    call = stub.StreamGenerate(_request(max_tokens=3))
+    first = None
+    async for chunk in call:
+        if first is None and chunk.text_delta:
+            first = time.perf_counter() - start
+    trailers = dict(await call.trailing_metadata())
+    engine_ttft = float(trailers["x-servemesh-engine-ttft-ms"]) / 1e3
+    assert first is not None and 0 < engine_ttft < first
 
 
 async def test_temperature_zero_is_repeatable(gateway_channel) -> None:

@@ -108,8 +108,9 @@ async def test_pipeline_admits_in_order_relays_each_chunk_and_closes_the_backend
     assert out == ["a", "b", "c", ""] and backend.engine == "vllm"
     assert log == ["admit:vllm", "chunk:a", "chunk:b", "chunk:c", "chunk:"]
     # a consumer that stops early closes the backend stream (which aborts the engine work)
+    # at once, through any wrapping policy, not whenever the garbage collector gets to it
     backend2 = _Backend()
-    stream = Pipeline([StaticRouting(CLASSES)], backend2).stream(_req(route_class="code"))
+    stream = Pipeline([StaticRouting(CLASSES), _Recorder([])], backend2).stream(_req(route_class="code"))
     assert (await anext(stream)).text == "a"
     await stream.aclose()
     assert backend2.closed
