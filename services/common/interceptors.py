@@ -28,6 +28,9 @@ from services.common.errors import InvalidArgument, ServiceError
 from services.common.metrics import ServerMetrics
 
 REQUEST_ID_KEY = "x-request-id"
+#: trailing metadata: milliseconds from asking the engine to its first text, as the
+#: inference service saw it; callers subtract it from their own TTFT to get what the hops add
+ENGINE_TTFT_KEY = "x-servemesh-engine-ttft-ms"
 ERROR_DOMAIN = "servemesh.local"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 

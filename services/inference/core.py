@@ -19,6 +19,14 @@ log = logging.getLogger(__name__)
 ENGINE_PREFIX = "engines/"
 
 
+@dataclass(slots=True)
+class StreamTiming:
+    """Filled in while a stream runs."""
+
+    #: seconds from asking the engine to its first text
+    engine_ttft_s: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class EngineState:
     engine: Engine
@@ -66,7 +74,9 @@ class InferenceCore:
             raise NotFound(f"engine {name!r} does not exist; engines: {', '.join(self._engines)}")
         return engine
 
-    async def stream(self, engine_name: str, request: GenerationRequest) -> AsyncIterator[tuple[Engine, Chunk]]:
+    async def stream(
+        self, engine_name: str, request: GenerationRequest, timing: StreamTiming | None = None
+    ) -> AsyncIterator[tuple[Engine, Chunk]]:
         """Validate and stream; closing the iterator aborts the engine's work."""
         engine = self.resolve(engine_name)
         roles = [(m.role if isinstance(m.role, Role) else None, m.content) for m in request.messages]
@@ -74,9 +84,14 @@ class InferenceCore:
         context.annotate(
             engine=engine.id, prompt_sha256=context.prompt_hash(prompt_text(request.prompt, request.messages))
         )
+        timing = timing if timing is not None else StreamTiming()
+        started = time.perf_counter()
         stream = engine.generate(request)
         try:
             async for chunk in stream:
+                if timing.engine_ttft_s is None and chunk.text:
+                    timing.engine_ttft_s = time.perf_counter() - started
+                    context.annotate(engine_ttft_ms=round(timing.engine_ttft_s * 1e3, 3))
                 if chunk.usage is not None:
                     context.annotate(
                         prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens

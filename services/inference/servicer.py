@@ -11,7 +11,8 @@ from servemesh.inference.v1 import inference_pb2_grpc as pb_grpc
 
 from services.common import context
 from services.common.errors import FieldViolation, InvalidArgument
-from services.inference.core import ENGINE_PREFIX, EngineState, InferenceCore
+from services.common.interceptors import ENGINE_TTFT_KEY
+from services.inference.core import ENGINE_PREFIX, EngineState, InferenceCore, StreamTiming
 from services.inference.engines.base import (
     Chunk,
     Engine,
@@ -87,17 +88,21 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self, request: pb.StreamGenerateRequest, context_: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         rid = context.request_id()
-        async for engine, chunk in self._core.stream(request.engine, _request(request)):
+        timing = StreamTiming()
+        async for engine, chunk in self._core.stream(request.engine, _request(request), timing):
             yield _chunk_pb(engine, chunk, rid)
+        _set_timing(context_, timing)
 
     async def Generate(self, request: pb.GenerateRequest, context_: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         parts: list[str] = []
         last: Chunk | None = None
         engine: Engine | None = None
-        async for served, chunk in self._core.stream(request.engine, _request(request)):
+        timing = StreamTiming()
+        async for served, chunk in self._core.stream(request.engine, _request(request), timing):
             parts.append(chunk.text)
             engine, last = served, chunk
         assert last is not None and last.usage is not None and engine is not None  # the engine guarantees it
+        _set_timing(context_, timing)
         return pb.GenerateResponse(
             text="".join(parts),
             finish_reason=_FINISH[last.finish_reason] if last.finish_reason else pb.FINISH_REASON_UNSPECIFIED,
@@ -132,6 +137,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def GetEngine(self, request: pb.GetEngineRequest, context_: grpc.aio.ServicerContext) -> pb.GetEngineResponse:
         return pb.GetEngineResponse(engine=engine_to_pb(self._core.state(request.name)))
+
+
+def _set_timing(context_: grpc.aio.ServicerContext, timing: StreamTiming) -> None:
+    if timing.engine_ttft_s is not None:
+        context_.set_trailing_metadata(((ENGINE_TTFT_KEY, f"{timing.engine_ttft_s * 1e3:.3f}"),))
 
 
 def _usage_pb(chunk: Chunk) -> pb.Usage:
