@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ from servemesh.inference.v1 import inference_pb2 as ipb
 from servemesh.inference.v1 import inference_pb2_grpc as ipb_grpc
 
 from mesh.vllm import VllmArgs, ensure_venv
+from services.common.interceptors import ENGINE_TTFT_KEY
 
 PATHS = ("direct", "inference", "gateway")
 TOPICS = ("rivers", "bridges", "gardens", "libraries", "trains", "lighthouses", "markets", "mountains")
@@ -44,6 +45,9 @@ class Sample:
     ttft: float
     gaps: list[float]
     tokens: int
+    #: the engine's TTFT as the inference service saw it (from the x-servemesh-engine-ttft-ms
+    #: trailer); ttft - engine_ttft is what the gRPC hops added to this request
+    engine_ttft: float | None = None
 
 
 @dataclass
@@ -53,6 +57,22 @@ class LevelResult:
     samples: list[Sample] = field(default_factory=list)
     wall: float = 0.0
     errors: int = 0
+    #: CPU seconds the inference and gateway processes used while this path ran
+    hop_cpu: float = 0.0
+
+    def merge(self, other: LevelResult) -> None:
+        self.samples += other.samples
+        self.wall += other.wall
+        self.errors += other.errors
+        self.hop_cpu += other.hop_cpu
+
+    def added_ms(self, q: float) -> float:
+        added = [s.ttft - s.engine_ttft for s in self.samples if s.engine_ttft is not None]
+        return _quantile(added, q) * 1e3
+
+    def hop_cpu_ms_per_1k_tokens(self) -> float:
+        tokens = sum(s.tokens for s in self.samples)
+        return self.hop_cpu / tokens * 1e6 if tokens else float("nan")
 
     def ttft_ms(self, q: float) -> float:
         return _quantile([s.ttft for s in self.samples], q) * 1e3
@@ -143,17 +163,32 @@ async def _grpc_sample(call: grpc.aio.UnaryStreamCall) -> Sample:
             times.append(time.perf_counter())
         if msg.finish_reason:
             tokens = msg.usage.completion_tokens
-    return _sample(start, times, tokens)
+    trailers = dict(await call.trailing_metadata() or ())
+    engine_ttft = float(trailers[ENGINE_TTFT_KEY]) / 1e3 if ENGINE_TTFT_KEY in trailers else None
+    return _sample(start, times, tokens, engine_ttft)
 
 
-def _sample(start: float, times: list[float], tokens: int) -> Sample:
+def _sample(start: float, times: list[float], tokens: int, engine_ttft: float | None = None) -> Sample:
     if not times:
         raise RuntimeError("stream produced no text")
-    return Sample(times[0] - start, [b - a for a, b in itertools.pairwise(times)], tokens)
+    return Sample(times[0] - start, [b - a for a, b in itertools.pairwise(times)], tokens, engine_ttft)
 
 
-async def _level(run: Callable[[int], Awaitable[Sample]], path: str, concurrency: int, total: int) -> LevelResult:
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of processes, from /proc (Linux)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / ticks
+
+
+async def _level(
+    run: Callable[[int], Awaitable[Sample]], path: str, concurrency: int, total: int, hop_pids: list[int]
+) -> LevelResult:
     result = LevelResult(path, concurrency)
+    cpu_before = _cpu_seconds(hop_pids)
     queue = iter(range(total))
 
     async def worker() -> None:
@@ -166,6 +201,7 @@ async def _level(run: Callable[[int], Awaitable[Sample]], path: str, concurrency
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     result.wall = time.perf_counter() - start
+    result.hop_cpu = _cpu_seconds(hop_pids) - cpu_before
     return result
 
 
@@ -173,21 +209,17 @@ def render(results: list[LevelResult]) -> str:
     by = {(r.path, r.concurrency): r for r in results}
     lines = [
         "| conc | path | TTFT p50 ms | TTFT p95 ms | TTFT p99 ms | ITL p50 ms | tokens/s | vs direct | "
-        "added TTFT p50 / p99 ms | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "hops add to TTFT p50 / p99 ms | hop CPU ms per 1k tokens | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         d = by[("direct", r.concurrency)]
         ratio = r.tokens_per_s() / d.tokens_per_s() if d.tokens_per_s() else float("nan")
-        added = (
-            ""
-            if r.path == "direct"
-            else (f"{r.ttft_ms(0.5) - d.ttft_ms(0.5):+.2f} / {r.ttft_ms(0.99) - d.ttft_ms(0.99):+.2f}")
-        )
+        added = "-" if r.path == "direct" else f"{r.added_ms(0.5):.2f} / {r.added_ms(0.99):.2f}"
         lines.append(
             f"| {r.concurrency} | {r.path} | {r.ttft_ms(0.5):.1f} | {r.ttft_ms(0.95):.1f} | "
             f"{r.ttft_ms(0.99):.1f} | {r.itl_ms():.2f} | {r.tokens_per_s():.1f} | {ratio:.1%} | "
-            f"{added} | {r.errors} |"
+            f"{added} | {r.hop_cpu_ms_per_1k_tokens():.0f} | {r.errors} |"
         )
     return "\n".join(lines)
 
@@ -197,6 +229,7 @@ async def run_bench(
     levels: list[int],
     per_level: int,
     max_tokens: int,
+    rounds: int,
     prepare: Callable[[Path], Path],
     log: Callable[[str], None],
 ) -> None:
@@ -212,19 +245,22 @@ async def run_bench(
         args.url, args.served_model_name, f"127.0.0.1:{ports.inference}", f"127.0.0.1:{ports.gateway}", max_tokens
     )
     runs = {"direct": paths.direct, "inference": paths.inference, "gateway": paths.gateway}
-    results: list[LevelResult] = []
+    hop_pids = [s.pid for s in mesh.supervisors if s.name in ("inference", "gateway") and s.pid is not None]
+    results = {(name, level): LevelResult(name, level) for level in levels for name in PATHS}
     try:
         for name in PATHS:  # warm-up: connections, caches, the engine's first batches
-            await _level(runs[name], name, 2, 4)
-        for level in levels:
-            for name in PATHS:
-                log(f"concurrency {level}: {name} ...")
-                results.append(await _level(runs[name], name, level, max(per_level, 2 * level)))
+            await _level(runs[name], name, 2, 4, hop_pids)
+        for r in range(rounds):  # interleaved, so the machine's drift hits every path alike
+            for level in levels:
+                for name in PATHS:
+                    log(f"round {r + 1}/{rounds}, concurrency {level}: {name} ...")
+                    n = max(per_level, 2 * level)
+                    results[name, level].merge(await _level(runs[name], name, level, n, hop_pids))
     finally:
         await paths.close()
         await mesh.stop()
     print(
-        f"\n{per_level} requests per path and level (at least twice the level), up to {max_tokens} tokens each, "
-        f"greedy; SmolLM2-135M on vLLM CPU ({sys.platform}).\n"
+        f"\n{rounds} interleaved rounds of {per_level} requests per path and level (at least twice the level), "
+        f"up to {max_tokens} tokens each, greedy; SmolLM2-135M-Instruct on vLLM {args.cpu_bind} (CPU).\n"
     )
-    print(render(results))
+    print(render(list(results.values())))

@@ -152,12 +152,15 @@ def bench(
     concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,8,16",
     requests_per_level: Annotated[int, typer.Option(help="Requests per path and level (at least 2x the level).")] = 12,
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds over all paths and levels.")] = 2,
 ) -> None:
     """TTFT, inter-token latency and tokens/s: direct to vLLM vs through inference vs through gateway."""
     from mesh.bench import run_bench
 
     levels = [int(x) for x in concurrency.split(",") if x.strip()]
-    asyncio.run(run_bench(home or servemesh_home(), levels, requests_per_level, max_tokens, _prepare, err.print))
+    asyncio.run(
+        run_bench(home or servemesh_home(), levels, requests_per_level, max_tokens, rounds, _prepare, err.print)
+    )
 
 
 def _run_rpc(coro: object) -> None:
