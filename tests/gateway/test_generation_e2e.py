@@ -167,18 +167,24 @@ async def test_cancellation_aborts_the_request_in_vllm(gateway_channel, vllm) ->
 
 
 async def test_expired_deadline_is_deadline_exceeded_and_aborts(gateway_channel, vllm) -> None:
+    # The deadline falls mid-generation: long enough for the first tokens even on a busy
+    # machine (TTFT here is ~0.6 s), far too short for 512 tokens at ~20-40 tokens/s.
     stub = pb_grpc.GatewayServiceStub(gateway_channel)
     before, _ = await _engine_counters(vllm.url)
+    chunks = 0
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         async for _ in stub.StreamGenerate(
             pb.StreamGenerateRequest(
-                prompt="Write a long essay about rivers.", params=pb.DecodingParams(max_tokens=256)
+                prompt="Write a long essay about rivers.",
+                route_class="rag_long",
+                params=pb.DecodingParams(max_tokens=512),
             ),
-            timeout=0.6,
+            timeout=3.0,
         ):
-            pass
+            chunks += 1
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await _assert_aborted_early(vllm.url, before, 256)
+    assert chunks > 0, "the deadline expired before the first token; the test proves nothing"
+    await _assert_aborted_early(vllm.url, before, 512)
 
 
 BAD = [
