@@ -1,6 +1,6 @@
 """Generate the Python stubs from protos/ and check the contracts.
 
-    python -m devtools.protos generate   # rewrite gen/python from protos/
+    python -m devtools.protos generate   # rewrite gen/python (stubs, Envoy descriptor set)
     python -m devtools.protos check      # fail if gen/python differs from protos/
     python -m devtools.protos lint       # buf lint (STANDARD)
     python -m devtools.protos breaking   # buf breaking (FILE) of every commit against its parent
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 GEN = ROOT / "gen" / "python"
 BIN = Path(sys.executable).parent
+DESCRIPTORS = Path("servemesh") / "api.binpb"
 
 
 def _includes() -> list[str]:
@@ -62,6 +63,9 @@ def generate(out: Path) -> None:
         ],
         cwd=PROTOS,
     )
+    # The descriptor set Envoy's gRPC-JSON transcoder reads (every servemesh service with
+    # the google.api types it uses); shipped beside the stubs so it can never drift either.
+    _protoc(["--include_imports", f"--descriptor_set_out={out / DESCRIPTORS}", *_sources(PROTOS)], cwd=PROTOS)
 
 
 def image(protos: Path, out: Path) -> Path:
