@@ -7,6 +7,7 @@ status codes with google.rpc details.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -16,6 +17,7 @@ class Code(StrEnum):
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAVAILABLE = "UNAVAILABLE"
@@ -35,14 +37,18 @@ class FieldViolation:
 
 
 class ServiceError(Exception):
-    """Base of every domain error. `retry_after` (seconds) becomes google.rpc.RetryInfo."""
+    """Base of every domain error. `retry_after` (seconds) becomes google.rpc.RetryInfo;
+    `metadata` is machine-readable context for the google.rpc.ErrorInfo detail."""
 
     code: Code = Code.INTERNAL
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, metadata: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.metadata: dict[str, str] = dict(metadata or {})
 
 
 class InvalidArgument(ServiceError):
@@ -57,6 +63,10 @@ class InvalidArgument(ServiceError):
 
 class NotFound(ServiceError):
     code = Code.NOT_FOUND
+
+
+class AlreadyExists(ServiceError):
+    code = Code.ALREADY_EXISTS
 
 
 class FailedPrecondition(ServiceError):

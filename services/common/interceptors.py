@@ -31,6 +31,8 @@ REQUEST_ID_KEY = "x-request-id"
 #: trailing metadata: milliseconds from asking the engine to its first text, as the
 #: inference service saw it; callers subtract it from their own TTFT to get what the hops add
 ENGINE_TTFT_KEY = "x-servemesh-engine-ttft-ms"
+#: request metadata: the route class a call belongs to; the mesh picks the class's route by it
+ROUTE_CLASS_KEY = "x-servemesh-route-class"
 ERROR_DOMAIN = "servemesh.local"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -63,7 +65,7 @@ def error_status(exc: ServiceError, *, request_id: str = "") -> grpc.Status:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(exc.retry_after * 1e9))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
-    metadata = {"request_id": request_id} if request_id else {}
+    metadata = {**exc.metadata, **({"request_id": request_id} if request_id else {})}
     details.append(error_details_pb2.ErrorInfo(reason=_reason(exc), domain=ERROR_DOMAIN, metadata=metadata))
     status = status_pb2.Status(code=code.value[0], message=exc.message, details=[_pack(d) for d in details])
     return rpc_status.to_status(status)

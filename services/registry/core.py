@@ -1,0 +1,489 @@
+"""The registry's logic: deployments, routes with etags and locks, the audit log, WatchRoutes.
+
+Every change runs as one database transaction (store.Store.write) that takes the next
+registry revision, checks the request against the current state (etag, lock, references),
+writes the resource and its audit entry, and commits; nothing is written when any check
+fails. After the commit, followers of WatchRoutes are woken in-process (one registry
+process is the writer). The database calls are blocking SQLAlchemy calls and run on a
+small thread pool, so the event loop (and every open watch stream) never waits on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from services.common.errors import FieldViolation, InvalidArgument
+from services.registry.errors import (
+    DeploymentInUse,
+    EtagMismatch,
+    ResourceExists,
+    ResourceNotFound,
+    RouteLocked,
+    ShuttingDown,
+)
+from services.registry.resources import (
+    DEPLOYMENTS,
+    ROUTES,
+    Action,
+    AuditEntry,
+    Deployment,
+    Encoder,
+    Page,
+    Route,
+    RoutingState,
+    etag_for,
+    resource_id,
+)
+from services.registry.validation import (
+    ROUTE_FIELDS,
+    UPDATABLE_FIELDS,
+    id_violations,
+    name_violations,
+    raise_if,
+    reference_violations,
+    references,
+    update_mask_violations,
+    validate_deployment,
+    validate_filter,
+    validate_reason,
+    validate_route_fields,
+)
+
+if TYPE_CHECKING:
+    from services.registry.store import Store, Tx
+
+T = TypeVar("T")
+
+XFCC_KEY = "x-forwarded-client-cert"
+USER_KEY = "x-servemesh-user"
+USER_RE = re.compile(r"[\x21-\x7e]([\x20-\x7e]{0,126}[\x21-\x7e])?")
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 500
+
+
+# --- identity -----------------------------------------------------------------------
+
+
+def parse_xfcc(value: str) -> list[dict[str, str]]:
+    """Elements of an x-forwarded-client-cert value, each as {key: value} (keys as sent).
+
+    Elements are separated by ',', pairs by ';', key from value by '='; a value may be
+    double-quoted (then it may hold , ; = and \\" escapes).
+    """
+    elements: list[dict[str, str]] = []
+    element: dict[str, str] = {}
+    key, buf, quoted, escaped, in_value = "", [], False, False, False
+    for ch in value + ",":
+        if quoted:
+            if escaped:
+                buf.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            else:
+                buf.append(ch)
+        elif ch == '"' and in_value:
+            quoted = True
+        elif ch == "=" and not in_value:
+            key, buf, in_value = "".join(buf).strip(), [], True
+        elif ch in ";,":
+            if in_value and key:
+                element.setdefault(key, "".join(buf).strip())
+            key, buf, in_value = "", [], False
+            if ch == "," and element:
+                elements.append(element)
+                element = {}
+        else:
+            buf.append(ch)
+    return elements
+
+
+def caller_identity(
+    metadata: Iterable[tuple[str, str | bytes]] | None, peer: str, *, trust_forwarded_identity: bool
+) -> str:
+    """The actor of a change: the sidecar-verified SPIFFE id (mesh mode) or "anonymous (peer)",
+    plus " as <user>" when the caller acts for a signed-in user (x-servemesh-user).
+
+    In mesh mode the sidecar appends the certificate it verified to x-forwarded-client-cert,
+    so the URI of the *last* element is the immediate caller; earlier elements were added by
+    hops further away (or forged by the caller) and are not trusted.
+    """
+    pairs = [(k.lower(), v.decode("utf-8", "replace") if isinstance(v, bytes) else v) for k, v in metadata or ()]
+    who = ""
+    if trust_forwarded_identity:
+        xfcc = ",".join(v for k, v in pairs if k == XFCC_KEY)
+        elements = parse_xfcc(xfcc) if xfcc else []
+        who = elements[-1].get("URI", elements[-1].get("uri", "")) if elements else ""
+    actor = who or f"anonymous ({peer or 'unknown peer'})"
+    users = [v for k, v in pairs if k == USER_KEY]
+    if users:
+        user = users[-1]
+        if not USER_RE.fullmatch(user):
+            raise InvalidArgument(FieldViolation(USER_KEY, "must be 1-128 printable ASCII characters"))
+        actor += f" as {user}"
+    return actor
+
+
+# --- paging -------------------------------------------------------------------------
+
+
+def resolve_page_size(requested: int) -> int:
+    if requested < 0 or requested > MAX_PAGE_SIZE:
+        raise InvalidArgument(
+            FieldViolation(
+                "page_size", f"must be in [0, {MAX_PAGE_SIZE}] (0 means {DEFAULT_PAGE_SIZE}); got {requested}"
+            )
+        )
+    return requested or DEFAULT_PAGE_SIZE
+
+
+def _query_digest(query: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(query)).encode()).hexdigest()[:16]
+
+
+def encode_page_token(key: str | int, query: Sequence[str]) -> str:
+    payload = json.dumps({"k": key, "q": _query_digest(query)}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(payload).decode().rstrip("=")
+
+
+def decode_page_token(token: str, query: Sequence[str], key_type: type[T]) -> T | None:
+    """The key after which the page starts; None for the first page. Tokens are tied to the query."""
+    if not token:
+        return None
+    bad = InvalidArgument(FieldViolation("page_token", "is not a next_page_token of this query (same filters)"))
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise bad from None
+    if not isinstance(payload, dict) or payload.get("q") != _query_digest(query):
+        raise bad
+    key = payload.get("k")
+    if type(key) is not key_type:
+        raise bad
+    return key  # type: ignore[no-any-return]
+
+
+def _page(rows: list[T], size: int, key: Callable[[T], str | int], query: Sequence[str]) -> Page[T]:
+    """`rows` holds up to size + 1 rows: one more means there is a next page."""
+    if len(rows) <= size:
+        return Page(tuple(rows))
+    return Page(tuple(rows[:size]), encode_page_token(key(rows[size - 1]), query))
+
+
+# --- watchers -----------------------------------------------------------------------
+
+
+class _Changes:
+    """The latest committed revision and a way to wait for a later one (never blocks writers)."""
+
+    def __init__(self, revision: int) -> None:
+        self.revision = revision
+        self.closed = False
+        self._event = asyncio.Event()
+
+    def publish(self, revision: int) -> None:
+        self.revision = max(self.revision, revision)
+        self._wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait_past(self, revision: int) -> None:
+        """Return once a revision after `revision` is committed, or on close."""
+        while self.revision <= revision and not self.closed:
+            await self._event.wait()
+
+
+# --- the service --------------------------------------------------------------------
+
+
+class RegistryCore:
+    """Deployments, routes and the audit log on a Store; WatchRoutes for followers."""
+
+    def __init__(self, store: Store, encode: Encoder, *, db_threads: int = 4) -> None:
+        self._store = store
+        self._encode = encode
+        self._executor = ThreadPoolExecutor(max_workers=db_threads, thread_name_prefix="registry-db")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changes = _Changes(0)
+        self._snapshot: RoutingState | None = None
+        self._snapshot_lock = asyncio.Lock()
+        #: how often the routing state was read for followers (one read serves them all)
+        self.snapshot_loads = 0
+
+    async def start(self) -> None:
+        """Bring the schema to the latest migration and learn the current revision."""
+        self._loop = asyncio.get_running_loop()
+        await self._in_thread(self._store.migrate)
+        self._changes.publish(await self._read(lambda tx: tx.current_revision()))
+
+    def close_watchers(self) -> None:
+        """End every WatchRoutes stream (they fail with UNAVAILABLE: reconnect) and refuse new ones."""
+        self._changes.close()
+
+    async def close(self) -> None:
+        self.close_watchers()
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        await asyncio.to_thread(self._store.dispose)
+
+    @property
+    def revision(self) -> int:
+        """The latest committed revision this process knows of."""
+        return self._changes.revision
+
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+
+    async def _read(self, query: Callable[[Tx], T]) -> T:
+        return await self._in_thread(self._store.read, query)
+
+    async def _write(self, change: Callable[[Tx], T]) -> T:
+        loop = self._loop
+        assert loop is not None, "RegistryCore.start() first"
+
+        def run() -> T:
+            result, revision = self._store.write(change)
+            # From the worker thread: followers hear of the commit even if the caller went away.
+            loop.call_soon_threadsafe(self._changes.publish, revision)
+            return result
+
+        return await self._in_thread(run)
+
+    def _audit(
+        self,
+        tx: Tx,
+        actor: str,
+        action: Action,
+        reason: str,
+        before: Deployment | Route | None,
+        after: Deployment | Route | None,
+    ) -> None:
+        resource = after or before
+        assert resource is not None
+        tx.insert_audit(
+            AuditEntry(
+                revision=tx.revision,
+                time=tx.now,
+                actor=actor,
+                action=action,
+                resource=resource.name,
+                reason=reason,
+                before=None if before is None else self._encode(before),
+                after=None if after is None else self._encode(after),
+            )
+        )
+
+    # deployments -------------------------------------------------------------------
+
+    async def create_deployment(self, deployment: Deployment, *, reason: str, actor: str) -> Deployment:
+        raise_if(validate_deployment(deployment) + validate_reason(reason))
+
+        def change(tx: Tx) -> Deployment:
+            if tx.get_deployment(resource_id(deployment.name, DEPLOYMENTS)) is not None:
+                raise ResourceExists(deployment.name)
+            stored = replace(deployment, create_time=tx.now)
+            tx.insert_deployment(stored)
+            self._audit(tx, actor, Action.CREATE, reason, None, stored)
+            return stored
+
+        return await self._write(change)
+
+    async def get_deployment(self, name: str) -> Deployment:
+        raise_if(name_violations(name, DEPLOYMENTS))
+        found = await self._read(lambda tx: tx.get_deployment(resource_id(name, DEPLOYMENTS)))
+        if found is None:
+            raise ResourceNotFound(name)
+        return found
+
+    async def list_deployments(
+        self, *, service: str = "", page_size: int = 0, page_token: str = ""
+    ) -> Page[Deployment]:
+        size = resolve_page_size(page_size)
+        raise_if(id_violations(service, "service", required=False))
+        query = ("deployments", service)
+        after = decode_page_token(page_token, query, str)
+        rows = await self._read(lambda tx: tx.list_deployments(service=service, after=after, limit=size + 1))
+        return _page(rows, size, lambda d: resource_id(d.name, DEPLOYMENTS), query)
+
+    async def delete_deployment(self, name: str, *, reason: str, actor: str) -> None:
+        raise_if(name_violations(name, DEPLOYMENTS) + validate_reason(reason))
+        dep_id = resource_id(name, DEPLOYMENTS)
+
+        def change(tx: Tx) -> None:
+            current = tx.get_deployment(dep_id)
+            if current is None:
+                raise ResourceNotFound(name)
+            users = tx.routes_using(dep_id)
+            if users:
+                raise DeploymentInUse(name, [ROUTES + r for r in users])
+            tx.delete_deployment(dep_id)
+            self._audit(tx, actor, Action.DELETE, reason, current, None)
+
+        await self._write(change)
+
+    # routes ------------------------------------------------------------------------
+
+    async def create_route(self, route: Route, *, reason: str, actor: str) -> Route:
+        raise_if(validate_route_fields(route, ROUTE_FIELDS) + validate_reason(reason))
+        route_id = resource_id(route.name, ROUTES)
+
+        def change(tx: Tx) -> Route:
+            if tx.get_route(route_id) is not None:
+                raise ResourceExists(route.name)
+            taken = tx.route_for(route.service, route.route_class)
+            if taken is not None:
+                klass = f"class {route.route_class!r}" if route.route_class else "the default class"
+                raise ResourceExists(
+                    ROUTES + taken,
+                    f" for service {route.service!r}, {klass}: at most one route per service and class",
+                )
+            _check_references(tx, route, ROUTE_FIELDS)
+            stored = replace(route, etag=etag_for(route.name, tx.revision), revision=tx.revision, update_time=tx.now)
+            tx.insert_route(stored)
+            self._audit(tx, actor, Action.CREATE, reason, None, stored)
+            return stored
+
+        return await self._write(change)
+
+    async def get_route(self, name: str) -> Route:
+        raise_if(name_violations(name, ROUTES))
+        found = await self._read(lambda tx: tx.get_route(resource_id(name, ROUTES)))
+        if found is None:
+            raise ResourceNotFound(name)
+        return found
+
+    async def list_routes(self, *, service: str = "", page_size: int = 0, page_token: str = "") -> Page[Route]:
+        size = resolve_page_size(page_size)
+        raise_if(id_violations(service, "service", required=False))
+        query = ("routes", service)
+        after = decode_page_token(page_token, query, str)
+        rows = await self._read(lambda tx: tx.list_routes(service=service, after=after, limit=size + 1))
+        return _page(rows, size, lambda r: resource_id(r.name, ROUTES), query)
+
+    async def update_route(self, route: Route, update_mask: Sequence[str], *, reason: str, actor: str) -> Route:
+        """Replace the fields named in `update_mask` if route.etag is still the route's etag.
+
+        A locked route only takes an update that also unlocks it (locked=false in the mask)."""
+        paths = list(dict.fromkeys(update_mask))
+        fields = [p for p in paths if p in UPDATABLE_FIELDS]
+        violations = name_violations(route.name, ROUTES, "route.name")
+        if not route.etag:
+            violations.append(FieldViolation("route.etag", "required: the etag of the route as you read it"))
+        violations += update_mask_violations(paths)
+        raise_if(violations + validate_route_fields(route, fields) + validate_reason(reason))
+        route_id = resource_id(route.name, ROUTES)
+        unlocks = "locked" in fields and not route.locked
+
+        def change(tx: Tx) -> Route:
+            current = tx.get_route(route_id, for_update=True)
+            if current is None:
+                raise ResourceNotFound(route.name)
+            if route.etag != current.etag:
+                raise EtagMismatch(route.name, current.etag)
+            if current.locked and not unlocks:
+                raise RouteLocked(route.name, "an update must also set locked=false (update_mask 'locked')")
+            immutable = [
+                FieldViolation(f"route.{f}", f"is immutable; the route's is {getattr(current, f)!r}")
+                for f in ("service", "route_class")
+                if getattr(route, f) and getattr(route, f) != getattr(current, f)
+            ]
+            raise_if(immutable)
+            merged = replace(current, **{f: getattr(route, f) for f in fields})
+            _check_references(tx, merged, fields)
+            stored = replace(merged, etag=etag_for(route.name, tx.revision), revision=tx.revision, update_time=tx.now)
+            if not tx.replace_route(stored, expected_etag=current.etag):
+                raise EtagMismatch(route.name, current.etag)  # not reached while writers are serialized
+            self._audit(tx, actor, Action.UPDATE, reason, current, stored)
+            return stored
+
+        return await self._write(change)
+
+    async def delete_route(self, name: str, etag: str, *, reason: str, actor: str) -> None:
+        """Delete the route if `etag` is still its etag; a locked route must be unlocked first."""
+        violations = name_violations(name, ROUTES)
+        if not etag:
+            violations.append(FieldViolation("etag", "required: the etag of the route as you read it"))
+        raise_if(violations + validate_reason(reason))
+        route_id = resource_id(name, ROUTES)
+
+        def change(tx: Tx) -> None:
+            current = tx.get_route(route_id, for_update=True)
+            if current is None:
+                raise ResourceNotFound(name)
+            if etag != current.etag:
+                raise EtagMismatch(name, current.etag)
+            if current.locked:
+                raise RouteLocked(name, "unlock it (UpdateRoute with locked=false) before deleting it")
+            if not tx.delete_route(route_id, expected_etag=current.etag):
+                raise EtagMismatch(name, current.etag)  # not reached while writers are serialized
+            self._audit(tx, actor, Action.DELETE, reason, current, None)
+
+        await self._write(change)
+
+    # audit -------------------------------------------------------------------------
+
+    async def list_audit_entries(
+        self, *, resource: str = "", actor: str = "", page_size: int = 0, page_token: str = ""
+    ) -> Page[AuditEntry]:
+        """Newest first; `resource` matches exactly, `actor` any part of the actor ignoring case."""
+        size = resolve_page_size(page_size)
+        raise_if(validate_filter(resource, "resource") + validate_filter(actor, "actor"))
+        query = ("audit", resource, actor)
+        before = decode_page_token(page_token, query, int)
+        rows = await self._read(
+            lambda tx: tx.list_audit(resource=resource, actor=actor, before_revision=before, limit=size + 1)
+        )
+        return _page(rows, size, lambda e: e.revision, query)
+
+    # watch -------------------------------------------------------------------------
+
+    async def state(self) -> RoutingState:
+        """The whole routing state at the latest revision (one read shared by every follower)."""
+        async with self._snapshot_lock:
+            if self._snapshot is None or self._snapshot.revision < self._changes.revision:
+                self._snapshot = await self._read(_load_state)
+                self.snapshot_loads += 1
+            return self._snapshot
+
+    async def watch(self) -> AsyncIterator[RoutingState]:
+        """The state now, then again after each commit. A follower slower than the commits gets
+        only the latest state when it is ready for the next message (bursts coalesce); writers
+        never wait for followers. Fails with ShuttingDown once close_watchers() is called."""
+        sent = -1
+        while True:
+            if self._changes.closed:
+                raise ShuttingDown()
+            state = await self.state()
+            if state.revision > sent:
+                sent = state.revision
+                yield state
+            await self._changes.wait_past(sent)
+
+
+def _load_state(tx: Tx) -> RoutingState:
+    return RoutingState(tx.current_revision(), tuple(tx.list_routes()), tuple(tx.list_deployments()))
+
+
+def _check_references(tx: Tx, route: Route, fields: Iterable[str]) -> None:
+    """Backends and header overrides must name existing deployments of the route's service."""
+    refs = references(route, fields)
+    found = tx.deployments_by_id(resource_id(name, DEPLOYMENTS) for _, name in refs)
+    raise_if(reference_violations(route, refs, {d.name: d for d in found.values()}))

@@ -1,0 +1,225 @@
+"""RegistryService: protobuf <-> domain objects, nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from servemesh.registry.v1 import registry_pb2 as pb
+from servemesh.registry.v1 import registry_pb2_grpc as pb_grpc
+
+from services.common.errors import FieldViolation, InvalidArgument
+from services.registry.core import RegistryCore, caller_identity
+from services.registry.resources import (
+    Action,
+    AuditEntry,
+    Deployment,
+    HeaderOverride,
+    Route,
+    RoutingState,
+    WeightedBackend,
+)
+
+_ACTIONS = {
+    Action.CREATE: pb.AuditEntry.ACTION_CREATE,
+    Action.UPDATE: pb.AuditEntry.ACTION_UPDATE,
+    Action.DELETE: pb.AuditEntry.ACTION_DELETE,
+}
+
+
+def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value)
+    return out
+
+
+def _struct(value: dict[str, Any] | None) -> struct_pb2.Struct | None:
+    if value is None:
+        return None
+    out = struct_pb2.Struct()
+    out.update(value)
+    return out
+
+
+def deployment_to_pb(d: Deployment) -> pb.Deployment:
+    return pb.Deployment(
+        name=d.name,
+        service=d.service,
+        version=d.version,
+        endpoint=d.endpoint,
+        engine=d.engine,
+        model_id=d.model_id,
+        create_time=_timestamp(d.create_time),
+    )
+
+
+def deployment_from_pb(d: pb.Deployment) -> Deployment:
+    return Deployment(d.name, d.service, d.version, d.endpoint, d.engine, d.model_id)
+
+
+def route_to_pb(r: Route) -> pb.Route:
+    out = pb.Route(
+        name=r.name,
+        service=r.service,
+        route_class=r.route_class,
+        backends=[pb.WeightedBackend(deployment=b.deployment, weight=b.weight) for b in r.backends],
+        header_overrides=[
+            pb.HeaderOverride(header=o.header, value=o.value, deployment=o.deployment) for o in r.header_overrides
+        ],
+        locked=r.locked,
+        etag=r.etag,
+        revision=r.revision,
+        update_time=_timestamp(r.update_time),
+    )
+    if r.timeout is not None:
+        out.timeout.FromTimedelta(r.timeout)
+    return out
+
+
+def route_from_pb(r: pb.Route) -> Route:
+    timeout = None
+    if r.HasField("timeout"):
+        try:
+            timeout = r.timeout.ToTimedelta()
+        except (OverflowError, ValueError):
+            raise InvalidArgument(FieldViolation("route.timeout", "is not a valid duration")) from None
+    return Route(
+        name=r.name,
+        service=r.service,
+        route_class=r.route_class,
+        backends=tuple(WeightedBackend(b.deployment, b.weight) for b in r.backends),
+        header_overrides=tuple(HeaderOverride(o.header, o.value, o.deployment) for o in r.header_overrides),
+        locked=r.locked,
+        timeout=timeout,
+        etag=r.etag,
+    )
+
+
+def audit_entry_to_pb(e: AuditEntry) -> pb.AuditEntry:
+    return pb.AuditEntry(
+        revision=e.revision,
+        time=_timestamp(e.time),
+        actor=e.actor,
+        action=_ACTIONS[e.action],
+        resource=e.resource,
+        reason=e.reason,
+        before=_struct(e.before),
+        after=_struct(e.after),
+    )
+
+
+def resource_json(resource: Deployment | Route) -> dict[str, Any]:
+    """The audit log's JSON form of a resource: its protobuf JSON mapping, every field present."""
+    message = deployment_to_pb(resource) if isinstance(resource, Deployment) else route_to_pb(resource)
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+def state_to_pb(state: RoutingState) -> pb.WatchRoutesResponse:
+    return pb.WatchRoutesResponse(
+        revision=state.revision,
+        routes=[route_to_pb(r) for r in state.routes],
+        deployments=[deployment_to_pb(d) for d in state.deployments],
+    )
+
+
+class RegistryServicer(pb_grpc.RegistryServiceServicer):
+    def __init__(self, core: RegistryCore, *, trust_forwarded_identity: bool) -> None:
+        self._core = core
+        self._trust = trust_forwarded_identity
+        self._last_state: tuple[RoutingState, pb.WatchRoutesResponse] | None = None
+
+    def _actor(self, context_: grpc.aio.ServicerContext) -> str:
+        return caller_identity(context_.invocation_metadata(), context_.peer(), trust_forwarded_identity=self._trust)
+
+    async def CreateDeployment(
+        self, request: pb.CreateDeploymentRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.CreateDeploymentResponse:
+        stored = await self._core.create_deployment(
+            deployment_from_pb(request.deployment), reason=request.reason, actor=self._actor(context_)
+        )
+        return pb.CreateDeploymentResponse(deployment=deployment_to_pb(stored))
+
+    async def GetDeployment(
+        self, request: pb.GetDeploymentRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.GetDeploymentResponse:
+        return pb.GetDeploymentResponse(deployment=deployment_to_pb(await self._core.get_deployment(request.name)))
+
+    async def ListDeployments(
+        self, request: pb.ListDeploymentsRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.ListDeploymentsResponse:
+        page = await self._core.list_deployments(
+            service=request.service, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListDeploymentsResponse(
+            deployments=[deployment_to_pb(d) for d in page.items], next_page_token=page.next_page_token
+        )
+
+    async def DeleteDeployment(
+        self, request: pb.DeleteDeploymentRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.DeleteDeploymentResponse:
+        await self._core.delete_deployment(request.name, reason=request.reason, actor=self._actor(context_))
+        return pb.DeleteDeploymentResponse()
+
+    async def CreateRoute(
+        self, request: pb.CreateRouteRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.CreateRouteResponse:
+        stored = await self._core.create_route(
+            route_from_pb(request.route), reason=request.reason, actor=self._actor(context_)
+        )
+        return pb.CreateRouteResponse(route=route_to_pb(stored))
+
+    async def GetRoute(self, request: pb.GetRouteRequest, context_: grpc.aio.ServicerContext) -> pb.GetRouteResponse:
+        return pb.GetRouteResponse(route=route_to_pb(await self._core.get_route(request.name)))
+
+    async def ListRoutes(
+        self, request: pb.ListRoutesRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.ListRoutesResponse:
+        page = await self._core.list_routes(
+            service=request.service, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListRoutesResponse(routes=[route_to_pb(r) for r in page.items], next_page_token=page.next_page_token)
+
+    async def UpdateRoute(
+        self, request: pb.UpdateRouteRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.UpdateRouteResponse:
+        stored = await self._core.update_route(
+            route_from_pb(request.route),
+            list(request.update_mask.paths),
+            reason=request.reason,
+            actor=self._actor(context_),
+        )
+        return pb.UpdateRouteResponse(route=route_to_pb(stored))
+
+    async def DeleteRoute(
+        self, request: pb.DeleteRouteRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.DeleteRouteResponse:
+        await self._core.delete_route(request.name, request.etag, reason=request.reason, actor=self._actor(context_))
+        return pb.DeleteRouteResponse()
+
+    async def WatchRoutes(
+        self, request: pb.WatchRoutesRequest, context_: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchRoutesResponse]:
+        async for state in self._core.watch():
+            yield self._state_message(state)
+
+    def _state_message(self, state: RoutingState) -> pb.WatchRoutesResponse:
+        """Followers share one state object per revision; convert it once for all of them."""
+        last = self._last_state
+        if last is None or last[0] is not state:
+            last = self._last_state = (state, state_to_pb(state))
+        return last[1]
+
+    async def ListAuditEntries(
+        self, request: pb.ListAuditEntriesRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.ListAuditEntriesResponse:
+        page = await self._core.list_audit_entries(
+            resource=request.resource, actor=request.actor, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListAuditEntriesResponse(
+            entries=[audit_entry_to_pb(e) for e in page.items], next_page_token=page.next_page_token
+        )

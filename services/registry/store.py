@@ -1,0 +1,504 @@
+"""SQL storage of the registry (SQLAlchemy Core) on SQLite or PostgreSQL.
+
+The tables below describe the schema the Alembic migrations (migrations/versions) create;
+the schema is only ever created or changed by those migrations, run at start-up by
+Store.migrate(); a test checks that the two agree.
+
+Backends and header overrides are child tables rather than JSON columns: their foreign
+keys let the database itself refuse to drop a deployment a route still uses, "which
+routes use deployment X" is an indexed query on both databases, and UNIQUE(route_id,
+deployment_id) holds "each deployment at most once per route". A route has at most 16 +
+8 children, so replacing them all on update is cheap. Audit before/after snapshots are
+JSON (JSONB on PostgreSQL): they are documents, read back whole, never queried into.
+
+Writers are serialized: every write transaction first takes the next value of the
+single-row revision counter (an UPDATE, which holds the row lock on PostgreSQL until
+commit) and on SQLite starts with BEGIN IMMEDIATE (the database write lock). So the
+checks a change makes (etag, lock, references) see the latest committed state and
+nothing can change it before the commit; the etag is compared once more by the
+conditional UPDATE/DELETE itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from services.common.errors import Aborted
+from services.registry.errors import DatabaseUnavailable
+from services.registry.resources import (
+    DEPLOYMENTS,
+    ROUTES,
+    Action,
+    AuditEntry,
+    Deployment,
+    HeaderOverride,
+    Route,
+    WeightedBackend,
+    resource_id,
+)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+#: pg_advisory_xact_lock key held while migrating ("registry" in ASCII)
+MIGRATION_LOCK_KEY = 0x7265676973747279
+
+T = TypeVar("T")
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+metadata = MetaData()
+
+registry_state = Table(
+    "registry_state",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=False),
+    Column("revision", BigInteger, nullable=False),
+    CheckConstraint("id = 1", name="ck_registry_state_single_row"),
+)
+
+deployments = Table(
+    "deployments",
+    metadata,
+    Column("id", String(63), primary_key=True),
+    Column("service", String(63), nullable=False, index=True),
+    Column("version", String(63), nullable=False),
+    Column("endpoint", String(300), nullable=False),
+    Column("engine", String(63), nullable=False),
+    Column("model_id", String(256), nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+)
+
+routes = Table(
+    "routes",
+    metadata,
+    Column("id", String(63), primary_key=True),
+    Column("service", String(63), nullable=False),
+    Column("route_class", String(63), nullable=False),
+    Column("locked", Boolean, nullable=False),
+    Column("timeout_us", BigInteger, nullable=True),
+    Column("etag", String(32), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("update_time", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("service", "route_class", name="uq_routes_service_route_class"),
+)
+
+route_backends = Table(
+    "route_backends",
+    metadata,
+    Column("route_id", String(63), ForeignKey("routes.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("deployment_id", String(63), ForeignKey("deployments.id", ondelete="RESTRICT"), nullable=False, index=True),
+    Column("weight", Integer, nullable=False),
+    UniqueConstraint("route_id", "deployment_id", name="uq_route_backends_route_id_deployment_id"),
+)
+
+route_header_overrides = Table(
+    "route_header_overrides",
+    metadata,
+    Column("route_id", String(63), ForeignKey("routes.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("header", String(64), nullable=False),
+    Column("value", String(256), nullable=False),
+    Column("deployment_id", String(63), ForeignKey("deployments.id", ondelete="RESTRICT"), nullable=False, index=True),
+)
+
+audit_entries = Table(
+    "audit_entries",
+    metadata,
+    Column("revision", BigInteger, primary_key=True, autoincrement=False),
+    Column("time", DateTime(timezone=True), nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("resource", String(128), nullable=False, index=True),
+    Column("reason", String(500), nullable=False),
+    Column("before", Json, nullable=True),
+    Column("after", Json, nullable=True),
+)
+
+
+def _utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class Tx:
+    """The queries of one transaction. For writes, `revision` and `now` belong to the change."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.revision = 0
+        self.now = datetime.now(UTC)
+
+    # revision ----------------------------------------------------------------------
+
+    def current_revision(self) -> int:
+        return int(self.conn.execute(select(registry_state.c.revision).where(registry_state.c.id == 1)).scalar_one())
+
+    def take_revision(self) -> int:
+        """Claim the next revision for this transaction's change (Store.write does it first: it
+        serializes writers on PostgreSQL, as BEGIN IMMEDIATE does on SQLite)."""
+        stmt = (
+            update(registry_state)
+            .where(registry_state.c.id == 1)
+            .values(revision=registry_state.c.revision + 1)
+            .returning(registry_state.c.revision)
+        )
+        return int(self.conn.execute(stmt).scalar_one())
+
+    # deployments -------------------------------------------------------------------
+
+    @staticmethod
+    def _deployment(row: Any) -> Deployment:
+        return Deployment(
+            name=DEPLOYMENTS + row.id,
+            service=row.service,
+            version=row.version,
+            endpoint=row.endpoint,
+            engine=row.engine,
+            model_id=row.model_id,
+            create_time=_utc(row.create_time),
+        )
+
+    def get_deployment(self, dep_id: str) -> Deployment | None:
+        row = self.conn.execute(select(deployments).where(deployments.c.id == dep_id)).first()
+        return None if row is None else self._deployment(row)
+
+    def deployments_by_id(self, ids: Iterable[str]) -> dict[str, Deployment]:
+        ids = sorted(set(ids))
+        if not ids:
+            return {}
+        rows = self.conn.execute(select(deployments).where(deployments.c.id.in_(ids)))
+        return {row.id: self._deployment(row) for row in rows}
+
+    def list_deployments(
+        self, *, service: str = "", after: str | None = None, limit: int | None = None
+    ) -> list[Deployment]:
+        stmt = select(deployments).order_by(deployments.c.id)
+        if service:
+            stmt = stmt.where(deployments.c.service == service)
+        if after is not None:
+            stmt = stmt.where(deployments.c.id > after)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return [self._deployment(row) for row in self.conn.execute(stmt)]
+
+    def insert_deployment(self, d: Deployment) -> None:
+        self.conn.execute(
+            insert(deployments).values(
+                id=resource_id(d.name, DEPLOYMENTS),
+                service=d.service,
+                version=d.version,
+                endpoint=d.endpoint,
+                engine=d.engine,
+                model_id=d.model_id,
+                create_time=d.create_time,
+            )
+        )
+
+    def delete_deployment(self, dep_id: str) -> None:
+        self.conn.execute(delete(deployments).where(deployments.c.id == dep_id))
+
+    def routes_using(self, dep_id: str) -> list[str]:
+        """Ids of the routes whose backends or header overrides name the deployment."""
+        used = (
+            select(route_backends.c.route_id)
+            .where(route_backends.c.deployment_id == dep_id)
+            .union(select(route_header_overrides.c.route_id).where(route_header_overrides.c.deployment_id == dep_id))
+        )
+        return sorted(self.conn.execute(used).scalars())
+
+    # routes ------------------------------------------------------------------------
+
+    def _routes(self, rows: Sequence[Any]) -> list[Route]:
+        ids = [row.id for row in rows]
+        if not ids:
+            return []
+        backends: dict[str, list[WeightedBackend]] = {i: [] for i in ids}
+        overrides: dict[str, list[HeaderOverride]] = {i: [] for i in ids}
+        for b in self.conn.execute(
+            select(route_backends)
+            .where(route_backends.c.route_id.in_(ids))
+            .order_by(route_backends.c.route_id, route_backends.c.position)
+        ):
+            backends[b.route_id].append(WeightedBackend(DEPLOYMENTS + b.deployment_id, b.weight))
+        for o in self.conn.execute(
+            select(route_header_overrides)
+            .where(route_header_overrides.c.route_id.in_(ids))
+            .order_by(route_header_overrides.c.route_id, route_header_overrides.c.position)
+        ):
+            overrides[o.route_id].append(HeaderOverride(o.header, o.value, DEPLOYMENTS + o.deployment_id))
+        return [
+            Route(
+                name=ROUTES + row.id,
+                service=row.service,
+                route_class=row.route_class,
+                backends=tuple(backends[row.id]),
+                header_overrides=tuple(overrides[row.id]),
+                locked=row.locked,
+                timeout=None if row.timeout_us is None else timedelta(microseconds=row.timeout_us),
+                etag=row.etag,
+                revision=row.revision,
+                update_time=_utc(row.update_time),
+            )
+            for row in rows
+        ]
+
+    def get_route(self, route_id: str, *, for_update: bool = False) -> Route | None:
+        stmt = select(routes).where(routes.c.id == route_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        found = self._routes(self.conn.execute(stmt).all())
+        return found[0] if found else None
+
+    def route_for(self, service: str, route_class: str) -> str | None:
+        """Id of the route taking (service, route_class), if any."""
+        stmt = select(routes.c.id).where(routes.c.service == service, routes.c.route_class == route_class)
+        return self.conn.execute(stmt).scalar_one_or_none()
+
+    def list_routes(self, *, service: str = "", after: str | None = None, limit: int | None = None) -> list[Route]:
+        stmt = select(routes).order_by(routes.c.id)
+        if service:
+            stmt = stmt.where(routes.c.service == service)
+        if after is not None:
+            stmt = stmt.where(routes.c.id > after)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return self._routes(self.conn.execute(stmt).all())
+
+    @staticmethod
+    def _route_values(r: Route) -> dict[str, Any]:
+        return {
+            "locked": r.locked,
+            "timeout_us": None if r.timeout is None else r.timeout // timedelta(microseconds=1),
+            "etag": r.etag,
+            "revision": r.revision,
+            "update_time": r.update_time,
+        }
+
+    def _insert_children(self, route_id: str, r: Route) -> None:
+        if r.backends:
+            self.conn.execute(
+                insert(route_backends),
+                [
+                    {
+                        "route_id": route_id,
+                        "position": i,
+                        "deployment_id": resource_id(b.deployment, DEPLOYMENTS),
+                        "weight": b.weight,
+                    }
+                    for i, b in enumerate(r.backends)
+                ],
+            )
+        if r.header_overrides:
+            self.conn.execute(
+                insert(route_header_overrides),
+                [
+                    {
+                        "route_id": route_id,
+                        "position": i,
+                        "header": o.header,
+                        "value": o.value,
+                        "deployment_id": resource_id(o.deployment, DEPLOYMENTS),
+                    }
+                    for i, o in enumerate(r.header_overrides)
+                ],
+            )
+
+    def _delete_children(self, route_id: str) -> None:
+        self.conn.execute(delete(route_backends).where(route_backends.c.route_id == route_id))
+        self.conn.execute(delete(route_header_overrides).where(route_header_overrides.c.route_id == route_id))
+
+    def insert_route(self, r: Route) -> None:
+        route_id = resource_id(r.name, ROUTES)
+        self.conn.execute(
+            insert(routes).values(id=route_id, service=r.service, route_class=r.route_class, **self._route_values(r))
+        )
+        self._insert_children(route_id, r)
+
+    def replace_route(self, r: Route, *, expected_etag: str) -> bool:
+        """Write `r` over the stored route if its etag is still `expected_etag`; False if not."""
+        route_id = resource_id(r.name, ROUTES)
+        stmt = update(routes).where(routes.c.id == route_id, routes.c.etag == expected_etag)
+        if self.conn.execute(stmt.values(**self._route_values(r))).rowcount != 1:
+            return False
+        self._delete_children(route_id)
+        self._insert_children(route_id, r)
+        return True
+
+    def delete_route(self, route_id: str, *, expected_etag: str) -> bool:
+        """Delete the route if its etag is still `expected_etag`; False if not."""
+        self._delete_children(route_id)
+        stmt = delete(routes).where(routes.c.id == route_id, routes.c.etag == expected_etag)
+        return self.conn.execute(stmt).rowcount == 1
+
+    # audit -------------------------------------------------------------------------
+
+    def insert_audit(self, e: AuditEntry) -> None:
+        self.conn.execute(
+            insert(audit_entries).values(
+                revision=e.revision,
+                time=e.time,
+                actor=e.actor,
+                action=e.action.value,
+                resource=e.resource,
+                reason=e.reason,
+                before=e.before,
+                after=e.after,
+            )
+        )
+
+    def list_audit(
+        self, *, resource: str = "", actor: str = "", before_revision: int | None = None, limit: int | None = None
+    ) -> list[AuditEntry]:
+        """Newest first; `actor` matches any part of the actor, ignoring case."""
+        stmt = select(audit_entries).order_by(audit_entries.c.revision.desc())
+        if resource:
+            stmt = stmt.where(audit_entries.c.resource == resource)
+        if actor:
+            stmt = stmt.where(func.lower(audit_entries.c.actor).contains(actor.lower(), autoescape=True))
+        if before_revision is not None:
+            stmt = stmt.where(audit_entries.c.revision < before_revision)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return [
+            AuditEntry(
+                revision=row.revision,
+                time=_utc(row.time),
+                actor=row.actor,
+                action=Action(row.action),
+                resource=row.resource,
+                reason=row.reason,
+                before=row.before,
+                after=row.after,
+            )
+            for row in self.conn.execute(stmt)
+        ]
+
+
+class Store:
+    """Connections and transactions on one database (blocking: call from worker threads)."""
+
+    def __init__(self, url: str, *, sqlite_busy_timeout_s: float = 5.0) -> None:
+        parsed = make_url(url)
+        self.backend = parsed.get_backend_name()
+        if self.backend == "sqlite":
+            database = parsed.database or ""
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(parsed)
+            _configure_sqlite(self.engine, sqlite_busy_timeout_s)
+        else:
+            self.engine = create_engine(parsed, pool_pre_ping=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def migrate(self) -> None:
+        """Upgrade the schema to the latest migration (a no-op when it is there already)."""
+        with _db_errors():
+            upgrade(self.engine)
+
+    def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run `fn` in a read transaction that sees one consistent snapshot."""
+        options: dict[str, Any] = {"isolation_level": "REPEATABLE READ"} if self.backend == "postgresql" else {}
+        with _db_errors(), self.engine.connect().execution_options(**options) as conn, conn.begin():
+            return fn(Tx(conn))
+
+    def write(self, fn: Callable[[Tx], T]) -> tuple[T, int]:
+        """Run `fn` as the change of the next revision; commit when it returns, roll back when it raises.
+
+        Returns fn's result and the revision it committed.
+        """
+        with _db_errors(), self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn:
+            with conn.begin():
+                tx = Tx(conn)
+                tx.revision = tx.take_revision()
+                result = fn(tx)
+            return result, tx.revision
+
+
+@contextmanager
+def _db_errors() -> Iterator[None]:
+    """Database failures as domain errors: unreachable -> UNAVAILABLE, constraint -> ABORTED."""
+    try:
+        yield
+    except OperationalError as exc:
+        raise DatabaseUnavailable(_first_line(exc)) from exc
+    except IntegrityError as exc:
+        raise Aborted(f"conflicting concurrent change, retry: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(getattr(exc, "orig", None) or exc).splitlines()[0]
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_s: float) -> None:
+    """WAL, foreign keys and a busy timeout on every connection; we emit BEGIN ourselves so
+    that writers can take the write lock up front (BEGIN IMMEDIATE)."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # the driver must not BEGIN on its own
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def alembic_config() -> Config:
+    """An Alembic config built in code (no alembic.ini): the registry's migrations folder."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Run the migrations up to `revision` on `engine`, all in one transaction (both databases
+    have transactional DDL); on PostgreSQL an advisory lock keeps two starting registries apart."""
+    config = alembic_config()
+    with engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn, conn.begin():
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        config.attributes["connection"] = conn
+        command.upgrade(config, revision)
