@@ -10,6 +10,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# xds-protos ships an old copy of opentelemetry/proto/* over opentelemetry-proto's own
+	# files (the OTLP exporter then fails to import): put the real ones back.
+	$(BIN)/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	touch $(STAMP)
 
 install: $(STAMP)
