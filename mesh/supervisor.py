@@ -1,16 +1,17 @@
 """Supervise a child process the way an orchestrator would: start it, wait until it is
 healthy, restart it with exponential backoff when it dies, stop it cleanly.
 
-Children run in their own process group (so stopping takes their helpers with them)
-and get SIGKILL from the kernel if the supervising process dies (PR_SET_PDEATHSIG),
-so `servemesh up` never leaves orphans, even when it is killed itself.
+Children run in their own session (so stopping takes their helpers with them) and get
+SIGKILL from the kernel if the supervising process dies (PR_SET_PDEATHSIG, set by
+util-linux's `setpriv` just before it execs the child), so `servemesh up` never leaves
+orphans, even when it is killed itself. No Python runs between fork and exec: gRPC's
+fork handlers kill such children now and then in a process that uses gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -20,13 +21,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    os.setsid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+_DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 
 HealthCheck = Callable[[], Awaitable[bool]]
@@ -81,13 +76,14 @@ class Supervisor:
             out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {self.name}\n".encode())
             out.flush()
             self._proc = await asyncio.create_subprocess_exec(
+                *_DIE_WITH_PARENT,
                 *self._argv,
                 stdout=out,
                 stderr=out,
                 stdin=asyncio.subprocess.DEVNULL,
                 env=self._env,
                 cwd=self._cwd,
-                preexec_fn=_die_with_parent,
+                start_new_session=True,
             )
         log.info("started %s (pid %s)", self.name, self._proc.pid)
 
