@@ -163,11 +163,14 @@ async def create_server(
     registry: CollectorRegistry | None = None,
     tracer_provider: TracerProvider | None = None,
     options: Sequence[tuple[str, Any]] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
     """Build (not start) a server for `services` bound to settings.host:settings.port.
 
     `registry` defaults to a fresh one with process metrics; `tracer_provider` to the
     global one (see tracing.configure_tracing); `options` extend/override SERVER_OPTIONS.
+    Services behind a sidecar listen in plaintext on loopback; `credentials` (TLS) is for
+    the few endpoints Envoy itself dials, such as the control plane.
     """
     registry = registry if registry is not None else new_registry()
     metrics = ServerMetrics(registry)
@@ -188,7 +191,7 @@ async def create_server(
 
     host = settings.host
     bind = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
-    port = server.add_insecure_port(bind)
+    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     return GrpcServer(
         server=server,
         settings=settings,

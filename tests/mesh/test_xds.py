@@ -1,0 +1,139 @@
+"""The control plane's snapshots and ADS server, against a real Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from servemesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+from mesh import certs
+from mesh.envoy import config as envoy
+from mesh.envoy.process import EnvoyProcess
+from mesh.xds.ads import AdsServer, XdsMetrics
+from mesh.xds.server import ADS_SERVICE, STATUS_SERVICE, ControlPlaneSettings
+from mesh.xds.snapshot import CLUSTER, ROUTE, InconsistentSnapshot, Snapshot, SnapshotCache
+from services.common.metrics import new_registry
+from services.common.server import Service, create_server
+from tests.engine_fixtures import free_port
+
+NODE = "gateway-stable"
+
+
+def _resources(ident: certs.Identity, clusters: dict[str, int], route_to: str, listener_port: int, bad: bool = False):
+    out = [
+        envoy.to_proto(
+            envoy.deployment_cluster(name, "127.0.0.1", port, ident, certs.spiffe_id("inference")),
+            cluster_pb2.Cluster(),
+        )
+        for name, port in clusters.items()
+    ]
+    out.append(envoy.to_proto(envoy.outbound_listener(listener_port), listener_pb2.Listener()))
+    rc = envoy.route_configuration(
+        "outbound", [envoy.ServiceRoutes("inference", [envoy.RouteSpec(backends=[(envoy.cluster_name(route_to), 1)])])]
+    )
+    if bad:  # a regex Envoy cannot compile: it rejects the whole route configuration
+        routes = rc["virtual_hosts"][0]["routes"]
+        routes.insert(0, {**routes[-1], "name": "bad", "match": {"safe_regex": {"regex": "("}}})
+    out.append(envoy.to_proto(rc, route_pb2.RouteConfiguration()))
+    return out
+
+
+def test_snapshot_refuses_a_route_to_a_missing_cluster(tmp_path: Path) -> None:
+    ident = certs.ensure_identities(tmp_path, ["gateway", "inference"])["gateway"]
+    with pytest.raises(InconsistentSnapshot, match="unknown cluster 'd.b'"):
+        Snapshot.of(1, _resources(ident, {"a": 1}, "b", 2))
+    snap = Snapshot.of(1, _resources(ident, {"a": 1}, "a", 2))
+    assert snap.versions == Snapshot.of(7, _resources(ident, {"a": 1}, "a", 2)).versions  # content, not revision
+    assert snap.versions[CLUSTER] != Snapshot.of(1, _resources(ident, {"a": 3}, "a", 2)).versions[CLUSTER]
+
+
+@pytest.fixture
+async def plane(tmp_path: Path):
+    idents = certs.ensure_identities(tmp_path / "certs", ["gateway", "inference", "control-plane", "cli"])
+    for ident in idents.values():
+        envoy.write_sds_files(ident)
+
+    def no_registry(*_a):
+        raise AssertionError("these tests serve snapshots directly")
+
+    cache = SnapshotCache(no_registry)
+    ads = AdsServer(cache, XdsMetrics(new_registry()))
+    settings = ControlPlaneSettings(port=0, certs_dir=tmp_path / "certs")
+    server = await create_server(
+        settings,
+        [
+            Service(ADS_SERVICE, ads, ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server),
+            Service(STATUS_SERVICE, ads, mesh_pb2_grpc.add_ControlPlaneServiceServicer_to_server),
+        ],
+        credentials=certs.server_credentials(idents["control-plane"]),
+    )
+    await server.start()
+    ident = idents["gateway"]
+    out_port, admin = free_port(), free_port()
+    await cache.set_snapshot(NODE, Snapshot.of(1, _resources(ident, {"a": free_port()}, "a", out_port)))
+    boot = envoy.sidecar_bootstrap(
+        envoy.Node(NODE, "gateway", out_port),
+        ident,
+        admin_port=admin,
+        inbound_port=free_port(),
+        app_port=free_port(),
+        xds_address=("127.0.0.1", server.port),
+        policy=envoy.load_policy(),
+    )
+    proxy = EnvoyProcess(NODE, boot, tmp_path / "envoy")
+    await proxy.start()
+    try:
+        yield cache, ads, proxy, ident, out_port
+    finally:
+        await proxy.stop()
+        await server.stop(0)
+
+
+async def _status(ads: AdsServer, want, timeout: float = 10.0) -> mesh_pb2.Node:
+    deadline = time.monotonic() + timeout
+    while True:
+        node = ads.node_status(NODE)
+        if want(node) or time.monotonic() > deadline:
+            return node
+        await asyncio.sleep(0.05)
+
+
+async def _routes_in_envoy(proxy: EnvoyProcess) -> str:
+    return json.dumps(await proxy.config_dump("dynamic_route_configs"))
+
+
+async def test_a_nacked_config_leaves_the_last_good_one_serving(plane) -> None:
+    cache, ads, proxy, ident, out_port = plane
+    node = await _status(ads, lambda n: n.in_sync)
+    assert node.in_sync and node.connected
+    good_routes = next(r.acked_version for r in node.resources if r.type_url == ROUTE)
+
+    port_b = free_port()
+    await cache.set_snapshot(NODE, Snapshot.of(2, _resources(ident, {"b": port_b}, "b", out_port, bad=True)))
+    node = await _status(ads, lambda n: any(r.nack_count for r in n.resources))
+    routes = next(r for r in node.resources if r.type_url == ROUTE)
+    assert routes.nack_count == 1 and "missing )" in routes.last_nack_message, routes
+    assert routes.acked_version == good_routes and not node.in_sync
+    dumped = await _routes_in_envoy(proxy)
+    assert "d.a" in dumped and '"bad"' not in dumped  # Envoy still routes by the last good config
+
+    # the new snapshot has no d.a, but the routes Envoy still runs need it: it stays until they move
+    clusters = next(r for r in node.resources if r.type_url == CLUSTER)
+    assert clusters.acked_version == clusters.sent_version
+    assert {"d.a", "d.b"} <= set(json.dumps(await proxy.config_dump("dynamic_active_clusters")).split('"'))
+
+    # the next good config is taken, and clusters no longer routed to are dropped after the routes
+    await cache.set_snapshot(NODE, Snapshot.of(3, _resources(ident, {"b": port_b}, "b", out_port)))
+    node = await _status(ads, lambda n: n.in_sync)
+    assert node.in_sync, node
+    assert "d.b" in await _routes_in_envoy(proxy)
+    active = set(json.dumps(await proxy.config_dump("dynamic_active_clusters")).split('"'))
+    assert "d.b" in active and "d.a" not in active
