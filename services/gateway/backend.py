@@ -11,7 +11,7 @@ from servemesh.inference.v1 import inference_pb2_grpc as ipb_grpc
 from services.common.client import error_from_rpc, insecure_channel
 from services.common.errors import Unavailable
 from services.common.generation import Chunk, FinishReason, Role, Usage
-from services.common.interceptors import ENGINE_TTFT_KEY
+from services.common.interceptors import ENGINE_TTFT_KEY, ROUTE_CLASS_KEY
 from services.gateway.core import GatewayRequest
 
 _ROLES = {Role.SYSTEM: ipb.ROLE_SYSTEM, Role.USER: ipb.ROLE_USER, Role.ASSISTANT: ipb.ROLE_ASSISTANT}
@@ -22,9 +22,9 @@ _FIELDS_FROM_PROMPT = _FIELDS | {"messages": "prompt", "messages[0].content": "p
 
 
 class InferenceBackend:
-    def __init__(self, target: str, default_timeout_s: float = 300.0) -> None:
+    def __init__(self, target: str, default_timeout_s: float = 300.0, authority: str = "") -> None:
         self._timeout = default_timeout_s  # the caller's own deadline, when shorter, wins
-        self._channel = insecure_channel(target)
+        self._channel = insecure_channel(target, options=[("grpc.default_authority", authority)] if authority else ())
         self._stub = ipb_grpc.InferenceServiceStub(self._channel)
 
     async def close(self) -> None:
@@ -55,6 +55,8 @@ class InferenceBackend:
                 sampling=sampling,
             ),
             timeout=self._timeout,
+            # The sidecar routes on these: the route class's route, header overrides.
+            metadata=(((ROUTE_CLASS_KEY, request.route_class),) if request.route_class else ()) + request.forward,
         )
         finished = False
         try:

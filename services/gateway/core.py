@@ -45,6 +45,8 @@ class GatewayRequest:
     engine: str = ""
     #: the request came as `prompt`, now messages[0]: errors about it must name "prompt"
     from_prompt: bool = False
+    #: request headers relayed downstream (mesh routing overrides), lower-case names
+    forward: tuple[tuple[str, str], ...] = ()
     #: free-form notes of the policies (e.g. what was trimmed), for logs and responses
     notes: dict[str, str] = field(default_factory=dict)
     served: Served = field(default_factory=Served)

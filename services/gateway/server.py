@@ -26,7 +26,7 @@ async def create_gateway_server(
     settings: GatewaySettings, registry: CollectorRegistry | None = None
 ) -> tuple[GrpcServer, InferenceBackend]:
     registry = registry if registry is not None else new_registry()
-    backend = InferenceBackend(settings.inference_target, settings.default_timeout_s)
+    backend = InferenceBackend(settings.inference_target, settings.default_timeout_s, settings.inference_authority)
     policies = default_policies(settings.route_classes, settings.default_route_class, GenerationMetrics(registry))
     pipeline = Pipeline(policies, backend)
 
@@ -34,9 +34,10 @@ async def create_gateway_server(
         return [ModelInfo(e.name, e.model, e.model_card_sha256) for e in await backend.list_engines()]
 
     version = VersionInfo(build_commit(settings.build_commit), settings.environment, models)
-    service = Service(
-        SERVICE_NAME, GatewayServicer(pipeline, version), gateway_pb2_grpc.add_GatewayServiceServicer_to_server
+    servicer = GatewayServicer(
+        pipeline, version, deployment=settings.deployment, forward_headers=settings.forward_headers
     )
+    service = Service(SERVICE_NAME, servicer, gateway_pb2_grpc.add_GatewayServiceServicer_to_server)
     server = await create_server(settings, [service], registry=registry)
     return server, backend
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 from servemesh.gateway.v1 import gateway_pb2 as pb
@@ -18,9 +18,12 @@ _ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTAN
 _FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
-def _request(req: pb.StreamGenerateRequest | pb.GenerateRequest) -> GatewayRequest:
+def _request(
+    req: pb.StreamGenerateRequest | pb.GenerateRequest, context_: grpc.aio.ServicerContext, forward: frozenset[str]
+) -> GatewayRequest:
     p = req.params
     return GatewayRequest(
+        forward=tuple((k, v) for k, v in context_.invocation_metadata() or () if k in forward and isinstance(v, str)),
         request_id=context.request_id(),
         route_class=req.route_class,
         prompt=req.prompt or None,
@@ -49,14 +52,18 @@ def _relay_timing(context_: grpc.aio.ServicerContext, req: GatewayRequest) -> No
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
-    def __init__(self, pipeline: Pipeline, version: VersionInfo) -> None:
+    def __init__(
+        self, pipeline: Pipeline, version: VersionInfo, *, deployment: str = "", forward_headers: Iterable[str] = ()
+    ) -> None:
         self._pipeline = pipeline
         self._version = version
+        self._deployment = deployment
+        self._forward = frozenset(h.lower() for h in forward_headers)
 
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context_: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
-        req = _request(request)
+        req = _request(request, context_, self._forward)
         async for chunk in self._pipeline.stream(req):
             out = pb.StreamGenerateResponse(
                 text_delta=chunk.text,
@@ -72,7 +79,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         _relay_timing(context_, req)
 
     async def Generate(self, request: pb.GenerateRequest, context_: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        req = _request(request)
+        req = _request(request, context_, self._forward)
         parts: list[str] = []
         last: Chunk | None = None
         async for last in self._pipeline.stream(req):
@@ -98,4 +105,5 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             build_commit=info.build_commit,
             environment=info.environment,
             models=[pb.ModelVersion(engine=m.engine, model=m.model, card_sha256=m.card_sha256) for m in info.models],
+            deployment=self._deployment,
         )

@@ -59,8 +59,14 @@ class GatewaySettings(ServiceSettings):
     service_name: ClassVar[str] = "gateway"
 
     port: int = Field(50050, ge=0, le=65535)
-    #: host:port of the inference service
+    #: host:port of the inference service (in the mesh: the sidecar's outbound listener)
     inference_target: str = "127.0.0.1:50051"
+    #: :authority of calls to inference; the sidecar picks the service's routes by it ("" = target)
+    inference_authority: str = ""
+    #: request headers relayed to inference, so mesh header overrides apply to the whole chain
+    forward_headers: tuple[str, ...] = ("x-servemesh-canary",)
+    #: this gateway's deployment id in the registry, reported by GetVersion ("" outside one)
+    deployment: str = ""
     #: deadline given to a request whose caller set none, in seconds
     default_timeout_s: float = Field(300.0, gt=0, le=3600)
     route_classes: dict[str, RouteClassConfig] = Field(default_factory=_default_classes, min_length=1)

@@ -440,6 +440,7 @@ class GetVersionResponse(_message.Message):
     BUILD_COMMIT_FIELD_NUMBER: _builtins.int
     ENVIRONMENT_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     """Output only. servemesh release version."""
     build_commit: _builtins.str
@@ -448,6 +449,10 @@ class GetVersionResponse(_message.Message):
     """
     environment: _builtins.str
     """Output only. Environment the gateway runs in: dev, staging or prod."""
+    deployment: _builtins.str
+    """Output only. The gateway deployment that answered, e.g. "gateway-canary";
+    empty when the gateway runs outside a registered deployment.
+    """
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersion]:
         """Output only. The models behind the gateway's engines."""
@@ -459,10 +464,11 @@ class GetVersionResponse(_message.Message):
         build_commit: _builtins.str = ...,
         environment: _builtins.str = ...,
         models: _abc.Iterable[Global___ModelVersion] | None = ...,
+        deployment: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_commit", b"build_commit", "environment", b"environment", "models", b"models", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["build_commit", b"build_commit", "deployment", b"deployment", "environment", b"environment", "models", b"models", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
