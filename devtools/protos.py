@@ -28,6 +28,7 @@ PROTOS = ROOT / "protos"
 GEN = ROOT / "gen" / "python"
 BIN = Path(sys.executable).parent
 DESCRIPTORS = Path("servemesh") / "api.binpb"
+ERROR_PROTOS = ("google/rpc/status.proto", "google/rpc/error_details.proto")
 
 
 def _includes() -> list[str]:
@@ -63,9 +64,13 @@ def generate(out: Path) -> None:
         ],
         cwd=PROTOS,
     )
-    # The descriptor set Envoy's gRPC-JSON transcoder reads (every servemesh service with
-    # the google.api types it uses); shipped beside the stubs so it can never drift either.
-    _protoc(["--include_imports", f"--descriptor_set_out={out / DESCRIPTORS}", *_sources(PROTOS)], cwd=PROTOS)
+    # The descriptor set Envoy's gRPC-JSON transcoder reads: every servemesh service, and the
+    # google.rpc error details, without which it cannot render an error as a JSON body.
+    # Shipped beside the stubs, so it can never drift either.
+    _protoc(
+        ["--include_imports", f"--descriptor_set_out={out / DESCRIPTORS}", *_sources(PROTOS), *ERROR_PROTOS],
+        cwd=PROTOS,
+    )
 
 
 def image(protos: Path, out: Path) -> Path:
