@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test protos check-protos lint
+.PHONY: install system up test protos check-protos lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,12 +18,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Debian packages the tests need: PostgreSQL (the registry runs its tests on it too).
+system:
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql)
+
 up: install
 	$(BIN)/servemesh up
 
 # Contracts (stubs in sync, buf lint, buf breaking), lint, then every test. The real
 # vLLM engine and the model are set up by the test session on first use.
-test: install check-protos lint
+test: install system check-protos lint
 	$(BIN)/servemesh models prepare
 	$(BIN)/pytest
 

@@ -233,19 +233,30 @@ async def run_bench(
     prepare: Callable[[Path], Path],
     log: Callable[[str], None],
 ) -> None:
-    from mesh.launcher import Mesh, Ports
+    from mesh.launcher import Mesh, Ports, local_engines
 
     model_dir = prepare(home / "models")
     vllm_python = await asyncio.to_thread(ensure_venv, home / "venvs" / "vllm", log)
-    ports = Ports(gateway=50150, inference=50151, vllm=8150, gateway_metrics=9250, inference_metrics=9251)
+    ports = Ports(
+        gateway=50150,
+        inference=50151,
+        registry=50152,
+        vllm=8150,
+        gateway_metrics=9250,
+        inference_metrics=9251,
+        registry_metrics=9252,
+    )
     args = VllmArgs(port=ports.vllm, max_num_seqs=max(32, max(levels)))
-    mesh = Mesh(home / "bench", ports, args, model_dir, small_engine=False, log=log)
+    engines = local_engines(args, model_dir, small_engine=False)
+    mesh = Mesh(home / "bench", ports, engines, log, vllm_args=args, model_dir=model_dir, mesh=False)
     await mesh.start(vllm_python)
     paths = Paths(
         args.url, args.served_model_name, f"127.0.0.1:{ports.inference}", f"127.0.0.1:{ports.gateway}", max_tokens
     )
     runs = {"direct": paths.direct, "inference": paths.inference, "gateway": paths.gateway}
-    hop_pids = [s.pid for s in mesh.supervisors if s.name in ("inference", "gateway") and s.pid is not None]
+    hop_pids = [
+        s.pid for s in mesh.supervisors if s.name in ("inference-stable", "gateway-stable") and s.pid is not None
+    ]
     results = {(name, level): LevelResult(name, level) for level in levels for name in PATHS}
     try:
         for name in PATHS:  # warm-up: connections, caches, the engine's first batches

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from mesh.cli_certs import certs_app
+from mesh.cli_route import mesh_app, route_app
 from mesh.launcher import Ports, run_up, servemesh_home
 
 app = typer.Typer(
@@ -19,12 +21,27 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+app.add_typer(certs_app, name="certs")
+app.add_typer(route_app, name="route")
+app.add_typer(mesh_app, name="mesh")
 err = Console(stderr=True)
 
 Home = Annotated[
     Path | None, typer.Option(help="Data directory [default: $SERVEMESH_HOME or ~/.local/share/servemesh]")
 ]
-Target = Annotated[str, typer.Option(help="Gateway address host:port.")]
+Target = Annotated[
+    str, typer.Option(help="Gateway address host:port (plaintext) [default: the running mesh's edge, over TLS].")
+]
+
+
+def _gateway_channel(target: str) -> grpc.aio.Channel:
+    """The gateway: at `target` in plaintext, else through the running mesh (its edge in mesh mode)."""
+    from mesh.state import MeshState
+
+    state = None if target else MeshState.read(servemesh_home())
+    if state is None:
+        return grpc.aio.insecure_channel(target or f"127.0.0.1:{Ports.gateway}")
+    return state.channel("gateway")
 
 
 def _prepare(models_dir: Path) -> Path:
@@ -67,6 +84,9 @@ def up(
     small_engine: Annotated[bool, typer.Option(help="Also load the small in-process fallback engine.")] = True,
     max_model_len: Annotated[int, typer.Option(help="vLLM context length in tokens.")] = 2048,
     kv_cache_gib: Annotated[int, typer.Option(help="vLLM KV cache in GiB.")] = 2,
+    mesh: Annotated[
+        bool, typer.Option(help="Envoy edge and mTLS sidecars; --no-mesh runs direct plaintext for debugging.")
+    ] = True,
 ) -> None:
     """Bring the whole mesh up on this machine (Ctrl-C stops everything)."""
     from pydantic import ValidationError
@@ -85,13 +105,15 @@ def up(
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
     ports = Ports(gateway=gateway_port, inference=inference_port, vllm=vllm_port)
-    asyncio.run(run_up(home or servemesh_home(), ports, args, small_engine, lambda m: err.print(m), _prepare))
+    asyncio.run(
+        run_up(home or servemesh_home(), ports, args, small_engine, lambda m: err.print(m), _prepare, mesh_mode=mesh)
+    )
 
 
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The prompt, sent as one user message.")],
-    target: Target = f"127.0.0.1:{Ports.gateway}",
+    target: Target = "",
     route_class: Annotated[str, typer.Option(help="Route class, e.g. chat_short, rag_long, code.")] = "",
     max_tokens: Annotated[int | None, typer.Option(help="Upper bound on generated tokens.")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 gives repeatable output.")] = None,
@@ -103,7 +125,7 @@ def generate(
     from servemesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
 
     async def run() -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _gateway_channel(target) as channel:
             call = pb_grpc.GatewayServiceStub(channel).StreamGenerate(
                 pb.StreamGenerateRequest(
                     prompt=prompt,
@@ -127,7 +149,7 @@ def generate(
 
 
 @app.command()
-def version(target: Target = f"127.0.0.1:{Ports.gateway}") -> None:
+def version(target: Target = "") -> None:
     """Print this client's version and what the gateway at TARGET reports."""
     from importlib import metadata
 
@@ -137,9 +159,10 @@ def version(target: Target = f"127.0.0.1:{Ports.gateway}") -> None:
     print(f"servemesh {metadata.version('servemesh')} (client)")
 
     async def run() -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with _gateway_channel(target) as channel:
             v = await pb_grpc.GatewayServiceStub(channel).GetVersion(pb.GetVersionRequest(), timeout=5.0)
-        print(f"gateway {target}: servemesh {v.version}, commit {v.build_commit}, environment {v.environment}")
+        who = v.deployment or target
+        print(f"gateway {who}: servemesh {v.version}, commit {v.build_commit}, environment {v.environment}")
         for m in v.models:
             print(f"  {m.engine}: {m.model} (card sha256 {m.card_sha256 or 'unknown'})")
 

@@ -16,10 +16,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servemesh.registry.v1 import registry_pb2, registry_pb2_grpc
 
+from mesh import certs
+from mesh.envoy import config as envoy
+from mesh.envoy.process import EnvoyProcess
+from mesh.state import MeshState
 from mesh.supervisor import Supervisor
 from mesh.vllm import VllmArgs, ensure_venv, health_check
 
@@ -34,18 +40,54 @@ def servemesh_home(environ: dict[str, str] | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Ports:
+    # the services themselves (loopback, plaintext; behind their sidecars in mesh mode)
     gateway: int = 50050
     inference: int = 50051
+    registry: int = 50052
     vllm: int = 8100
     gateway_metrics: int = 9150
     inference_metrics: int = 9151
+    registry_metrics: int = 9152
+    control_plane_metrics: int = 9160
+    # the mesh
+    edge: int = 8443
+    control_plane: int = 15010
+    gateway_inbound: int = 15050
+    inference_inbound: int = 15051
+    registry_inbound: int = 15052
+    gateway_outbound: int = 15150
+    #: Envoy admin ports: edge, gateway, inference, registry from here up
+    admin: int = 15900
+
+    def used(self, mesh: bool) -> list[tuple[int, str]]:
+        ports = [
+            (self.gateway, "gateway"),
+            (self.inference, "inference"),
+            (self.registry, "registry"),
+            (self.vllm, "vllm"),
+            (self.gateway_metrics, "gateway metrics"),
+            (self.inference_metrics, "inference metrics"),
+            (self.registry_metrics, "registry metrics"),
+        ]
+        if mesh:
+            ports += [
+                (self.edge, "edge Envoy"),
+                (self.control_plane, "control plane"),
+                (self.control_plane_metrics, "control plane metrics"),
+                (self.gateway_inbound, "gateway sidecar"),
+                (self.inference_inbound, "inference sidecar"),
+                (self.registry_inbound, "registry sidecar"),
+                (self.gateway_outbound, "gateway sidecar outbound"),
+                *((self.admin + i, "Envoy admin") for i in range(4)),
+            ]
+        return ports
 
 
-def grpc_health_check(target: str) -> Callable[[], object]:
+def grpc_health_check(target: str, channel: Callable[[], grpc.aio.Channel] | None = None) -> Callable[[], object]:
     async def healthy() -> bool:
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with channel() if channel else grpc.aio.insecure_channel(target) as channel_:
             try:
-                resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                resp = await health_pb2_grpc.HealthStub(channel_).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
             except grpc.aio.AioRpcError:
                 return False
             return resp.status == health_pb2.HealthCheckResponse.SERVING
@@ -61,22 +103,43 @@ def _check_free(port: int, what: str) -> None:
             raise SystemExit(f"error: port {port} for {what} is in use (is another `servemesh up` running?)") from None
 
 
+#: identities the local CA issues: one per service and per client of the mesh
+IDENTITIES = ("edge", "gateway", "inference", "registry", "control-plane", "console", "cli")
+SEED_REASON = "servemesh up: initial deployment"
+
+
 class Mesh:
-    """The local processes, in start order."""
+    """The local processes, in start order. `mesh=False` runs them direct and plaintext.
+
+    Tests use the same pieces (start_gateway, register ...) to add canary deployments.
+    """
 
     def __init__(
         self,
         home: Path,
         ports: Ports,
-        vllm_args: VllmArgs,
-        model_dir: Path,
-        small_engine: bool,
+        engines: list[dict[str, object]],
         log: Callable[[str], None],
+        *,
+        vllm_args: VllmArgs | None = None,
+        model_dir: Path | None = None,
+        mesh: bool = True,
+        namespace: str = "default",
+        policy_path: Path | None = None,
+        gateway_env: dict[str, str] | None = None,
     ) -> None:
-        self.home, self.ports, self.vllm_args, self.model_dir = home, ports, vllm_args, model_dir
-        self._small = small_engine
+        self.home, self.ports, self.engines, self.mesh = home, ports, engines, mesh
+        self.vllm_args, self.model_dir = vllm_args, model_dir
+        self.namespace = namespace
+        self.gateway_env = gateway_env or {}
+        self.policy = envoy.load_policy(policy_path) if mesh else None
+        self.certs_dir = home / "certs"
+        self.logs = home / "logs"
+        self.run_dir = home / "run"
         self._log = log
-        self.supervisors: list[Supervisor] = []
+        self.supervisors: list[Supervisor | EnvoyProcess] = []
+        #: Envoy node id (deployment or "edge") -> its process
+        self.envoys: dict[str, EnvoyProcess] = {}
 
     def _service_env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -84,74 +147,255 @@ class Mesh:
         env.update(extra)
         return env
 
-    def engines(self) -> list[dict[str, object]]:
-        engines: list[dict[str, object]] = [
-            {
-                "id": "vllm",
-                "kind": "vllm",
-                "url": self.vllm_args.url,
-                "model": self.vllm_args.served_model_name,
-                "model_dir": str(self.model_dir),
-                "max_model_len": self.vllm_args.max_model_len,
-            }
-        ]
-        if self._small:
-            engines.append(
-                {
-                    "id": "small",
-                    "kind": "small",
-                    "model": self.vllm_args.served_model_name,
-                    "model_dir": str(self.model_dir),
-                    "max_model_len": self.vllm_args.max_model_len,
-                }
-            )
-        return engines
+    async def _run(self, sup: Supervisor | EnvoyProcess) -> None:
+        self._log(f"starting {sup.name} ...")
+        await sup.start()
+        self.supervisors.append(sup)
+        self._log(f"{sup.name} is healthy (pid {sup.pid})")
 
-    async def start(self, vllm_python: Path) -> None:
-        logs = self.home / "logs"
+    def _service(
+        self,
+        name: str,
+        module: str,
+        target: str,
+        channel: Callable[[], grpc.aio.Channel] | None = None,
+        **env: str,
+    ) -> Supervisor:
+        return Supervisor(
+            name,
+            [sys.executable, "-m", module],
+            cwd=REPO,
+            env=self._service_env(**env),
+            health=grpc_health_check(target, channel),
+            log_path=self.logs / f"{name}.log",
+        )
+
+    async def _sidecar(
+        self, deployment: str, service: str, app_port: int, inbound: int, admin: int, outbound: int | None = None
+    ) -> None:
+        assert self.policy is not None
+        ident = certs.identity(self.certs_dir, service, self.namespace)
+        boot = envoy.sidecar_bootstrap(
+            envoy.Node(deployment, service, outbound),
+            ident,
+            admin_port=admin,
+            inbound_port=inbound,
+            app_port=app_port,
+            # only a sidecar that calls other services needs the control plane
+            xds_address=("127.0.0.1", self.ports.control_plane) if outbound else None,
+            policy=self.policy,
+        )
+        self.envoys[deployment] = EnvoyProcess(f"{deployment}-sidecar", boot, self.run_dir / "envoy")
+        await self._run(self.envoys[deployment])
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        """A channel to a service as the `cli` identity (mesh) or plaintext (--no-mesh)."""
+        return self.state().channel(service)
+
+    async def register(self, deployment: registry_pb2.Deployment, route: registry_pb2.Route | None = None) -> None:
+        """Create a deployment (and a route) in the registry unless one by that name exists."""
+        async with self.channel("registry") as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            requests: list[tuple[Callable[..., Any], object]] = [
+                (stub.CreateDeployment, registry_pb2.CreateDeploymentRequest(deployment=deployment, reason=SEED_REASON))
+            ]
+            if route is not None:
+                requests.append((stub.CreateRoute, registry_pb2.CreateRouteRequest(route=route, reason=SEED_REASON)))
+            for method, request in requests:  # in order: a route needs its deployments
+                try:
+                    await method(request, timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                        raise
+
+    def _endpoint(self, app_port: int, inbound: int) -> str:
+        return f"127.0.0.1:{inbound if self.mesh else app_port}"
+
+    async def start_inference(
+        self, deployment: str, app_port: int, metrics_port: int, inbound: int, admin: int
+    ) -> None:
+        await self._run(
+            self._service(
+                deployment,
+                "services.inference.server",
+                f"127.0.0.1:{app_port}",
+                SERVEMESH_INFERENCE_PORT=str(app_port),
+                SERVEMESH_INFERENCE_METRICS_PORT=str(metrics_port),
+                SERVEMESH_INFERENCE_ENGINES=json.dumps(self.engines),
+            )
+        )
+        if self.mesh:
+            await self._sidecar(deployment, "inference", app_port, inbound, admin)
+
+    async def start_gateway(
+        self, deployment: str, app_port: int, metrics_port: int, inbound: int, outbound: int, admin: int
+    ) -> None:
+        upstream = (
+            {
+                "SERVEMESH_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{outbound}",
+                "SERVEMESH_GATEWAY_INFERENCE_AUTHORITY": "inference",
+            }
+            if self.mesh
+            else {"SERVEMESH_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{self.ports.inference}"}
+        )
+        await self._run(
+            self._service(
+                deployment,
+                "services.gateway.server",
+                f"127.0.0.1:{app_port}",
+                SERVEMESH_GATEWAY_PORT=str(app_port),
+                SERVEMESH_GATEWAY_METRICS_PORT=str(metrics_port),
+                SERVEMESH_GATEWAY_DEPLOYMENT=deployment,
+                **upstream,
+                **self.gateway_env,
+            )
+        )
+        if self.mesh:
+            await self._sidecar(deployment, "gateway", app_port, inbound, admin, outbound)
+
+    def state(self) -> MeshState:
         p = self.ports
-        vllm = Supervisor(
-            "vllm",
-            self.vllm_args.argv(vllm_python, self.model_dir),
-            env=self.vllm_args.env(),
-            health=health_check(self.vllm_args.url),
-            log_path=logs / "vllm.log",
+        if not self.mesh:
+            return MeshState(mesh=False, gateway=f"127.0.0.1:{p.gateway}", registry=f"127.0.0.1:{p.registry}")
+        return MeshState(
+            mesh=True,
+            gateway=f"127.0.0.1:{p.edge}",
+            registry=f"127.0.0.1:{p.registry_inbound}",
+            control_plane=f"127.0.0.1:{p.control_plane}",
+            certs_dir=str(self.certs_dir),
+            namespace=self.namespace,
+            envoys={name: e.admin_port for name, e in self.envoys.items()},
         )
-        inference = Supervisor(
-            "inference",
-            [sys.executable, "-m", "services.inference.server"],
-            cwd=REPO,
-            env=self._service_env(
-                SERVEMESH_INFERENCE_PORT=str(p.inference),
-                SERVEMESH_INFERENCE_METRICS_PORT=str(p.inference_metrics),
-                SERVEMESH_INFERENCE_ENGINES=json.dumps(self.engines()),
+
+    async def start(self, vllm_python: Path | None = None) -> None:
+        p = self.ports
+        if self.vllm_args is not None:
+            assert vllm_python is not None and self.model_dir is not None
+            await self._run(
+                Supervisor(
+                    "vllm",
+                    self.vllm_args.argv(vllm_python, self.model_dir),
+                    env=self.vllm_args.env(),
+                    health=health_check(self.vllm_args.url),
+                    log_path=self.logs / "vllm.log",
+                )
+            )
+        if self.mesh:
+            for ident in certs.ensure_identities(self.certs_dir, IDENTITIES, self.namespace).values():
+                envoy.write_sds_files(ident)
+        await self._run(
+            self._service(
+                "registry",
+                "services.registry.server",
+                f"127.0.0.1:{p.registry}",
+                SERVEMESH_REGISTRY_PORT=str(p.registry),
+                SERVEMESH_REGISTRY_METRICS_PORT=str(p.registry_metrics),
+                SERVEMESH_REGISTRY_DATA_DIR=str(self.home / "registry"),
+                SERVEMESH_REGISTRY_TRUST_FORWARDED_IDENTITY=str(self.mesh).lower(),
+            )
+        )
+        if self.mesh:
+            await self._sidecar("registry", "registry", p.registry, p.registry_inbound, p.admin + 3)
+            await self._run(
+                self._service(
+                    "control-plane",
+                    "mesh.xds.server",
+                    f"127.0.0.1:{p.control_plane}",
+                    lambda: self.channel("control-plane"),
+                    SERVEMESH_CONTROL_PLANE_PORT=str(p.control_plane),
+                    SERVEMESH_CONTROL_PLANE_METRICS_PORT=str(p.control_plane_metrics),
+                    SERVEMESH_CONTROL_PLANE_REGISTRY_TARGET=f"127.0.0.1:{p.registry_inbound}",
+                    SERVEMESH_CONTROL_PLANE_CERTS_DIR=str(self.certs_dir),
+                    SERVEMESH_CONTROL_PLANE_NAMESPACE=self.namespace,
+                )
+            )
+        engine = str(self.engines[0]["id"]) if self.engines else ""
+        model = str(self.engines[0].get("model", "")) if self.engines else ""
+        await self.register(
+            registry_pb2.Deployment(
+                name="deployments/inference-stable",
+                service="inference",
+                version="stable",
+                endpoint=self._endpoint(p.inference, p.inference_inbound),
+                engine=engine,
+                model_id=model,
             ),
-            health=grpc_health_check(f"127.0.0.1:{p.inference}"),
-            log_path=logs / "inference.log",
-        )
-        gateway = Supervisor(
-            "gateway",
-            [sys.executable, "-m", "services.gateway.server"],
-            cwd=REPO,
-            env=self._service_env(
-                SERVEMESH_GATEWAY_PORT=str(p.gateway),
-                SERVEMESH_GATEWAY_METRICS_PORT=str(p.gateway_metrics),
-                SERVEMESH_GATEWAY_INFERENCE_TARGET=f"127.0.0.1:{p.inference}",
+            registry_pb2.Route(
+                name="routes/inference",
+                service="inference",
+                backends=[registry_pb2.WeightedBackend(deployment="deployments/inference-stable", weight=100)],
             ),
-            health=grpc_health_check(f"127.0.0.1:{p.gateway}"),
-            log_path=logs / "gateway.log",
         )
-        for sup in (vllm, inference, gateway):
-            self._log(f"starting {sup.name} ...")
-            await sup.start()
-            self.supervisors.append(sup)
-            self._log(f"{sup.name} is healthy (pid {sup.pid})")
+        await self.register(
+            registry_pb2.Deployment(
+                name="deployments/gateway-stable",
+                service="gateway",
+                version="stable",
+                endpoint=self._endpoint(p.gateway, p.gateway_inbound),
+            ),
+            registry_pb2.Route(
+                name="routes/gateway",
+                service="gateway",
+                backends=[registry_pb2.WeightedBackend(deployment="deployments/gateway-stable", weight=100)],
+                header_overrides=[],
+            ),
+        )
+        await self.start_inference(
+            "inference-stable", p.inference, p.inference_metrics, p.inference_inbound, p.admin + 2
+        )
+        await self.start_gateway(
+            "gateway-stable", p.gateway, p.gateway_metrics, p.gateway_inbound, p.gateway_outbound, p.admin + 1
+        )
+        if self.mesh:
+            ident = certs.identity(self.certs_dir, "edge", self.namespace)
+            boot = envoy.edge_bootstrap(
+                ident, admin_port=p.admin, edge_port=p.edge, xds_address=("127.0.0.1", p.control_plane)
+            )
+            self.envoys["edge"] = EnvoyProcess("edge", boot, self.run_dir / "envoy")
+            await self._run(self.envoys["edge"])
+        self.state().write(self.home)
 
     async def stop(self) -> None:
+        MeshState.remove(self.home)
         for sup in reversed(self.supervisors):
             self._log(f"stopping {sup.name}")
             await sup.stop()
         self.supervisors.clear()
+        self.envoys.clear()
+
+
+def local_engines(vllm_args: VllmArgs, model_dir: Path, small_engine: bool) -> list[dict[str, object]]:
+    """Inference's engines on one machine: vLLM, and the small in-process model if asked."""
+    common = {
+        "model": vllm_args.served_model_name,
+        "model_dir": str(model_dir),
+        "max_model_len": vllm_args.max_model_len,
+    }
+    engines: list[dict[str, object]] = [{"id": "vllm", "kind": "vllm", "url": vllm_args.url, **common}]
+    if small_engine:
+        engines.append({"id": "small", "kind": "small", **common})
+    return engines
+
+
+def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
+    lines = [f"\nservemesh is up (logs in {home / 'logs'}):"]
+    if mesh_mode:
+        lines += [
+            f"  edge        https://127.0.0.1:{p.edge}  (TLS: gRPC and REST/JSON, CA {home / 'certs' / 'ca.crt'})",
+            f"  registry    127.0.0.1:{p.registry_inbound}  (mTLS, internal; `servemesh route list`)",
+            f"  control     127.0.0.1:{p.control_plane}  (xDS, mTLS; `servemesh mesh status`)",
+        ]
+    else:
+        lines += [
+            f"  gateway     127.0.0.1:{p.gateway}  (gRPC, plaintext: --no-mesh)",
+            f"  registry    127.0.0.1:{p.registry}  (gRPC, plaintext)",
+        ]
+    lines += [
+        f"  vLLM        {vllm_args.url}  (OpenAI-compatible, internal)",
+        f"  metrics     http://127.0.0.1:{p.gateway_metrics}/metrics  http://127.0.0.1:{p.inference_metrics}/metrics",
+        'try: servemesh generate "Write a haiku about meshes"    (Ctrl-C stops everything)',
+    ]
+    return "\n".join(lines)
 
 
 async def run_up(
@@ -161,18 +405,15 @@ async def run_up(
     small_engine: bool,
     log: Callable[[str], None],
     prepare: Callable[[Path], Path],
+    *,
+    mesh_mode: bool = True,
 ) -> None:
-    for port, what in (
-        (ports.gateway, "gateway"),
-        (ports.inference, "inference"),
-        (ports.vllm, "vllm"),
-        (ports.gateway_metrics, "gateway metrics"),
-        (ports.inference_metrics, "inference metrics"),
-    ):
+    for port, what in ports.used(mesh_mode):
         _check_free(port, what)
     model_dir = prepare(home / "models")
     vllm_python = await asyncio.to_thread(ensure_venv, home / "venvs" / "vllm", log)
-    mesh = Mesh(home, ports, vllm_args, model_dir, small_engine, log)
+    engines = local_engines(vllm_args, model_dir, small_engine)
+    mesh = Mesh(home, ports, engines, log, vllm_args=vllm_args, model_dir=model_dir, mesh=mesh_mode)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -182,15 +423,7 @@ async def run_up(
         done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             starting.result()
-            log(
-                f"\nservemesh is up (logs in {home / 'logs'}):\n"
-                f"  gateway     127.0.0.1:{ports.gateway}  (gRPC, servemesh.gateway.v1.GatewayService)\n"
-                f"  inference   127.0.0.1:{ports.inference}  (gRPC, internal)\n"
-                f"  vLLM        {vllm_args.url}  (OpenAI-compatible, internal)\n"
-                f"  metrics     http://127.0.0.1:{ports.gateway_metrics}/metrics  "
-                f"http://127.0.0.1:{ports.inference_metrics}/metrics\n"
-                f'try: servemesh generate "Write a haiku about meshes"    (Ctrl-C stops everything)'
-            )
+            log(_banner(home, ports, vllm_args, mesh_mode))
             await stop.wait()
         else:
             starting.cancel()

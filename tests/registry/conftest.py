@@ -46,7 +46,7 @@ def _as_postgres(argv: list[str]) -> list[str]:
 def postgres() -> Iterator[Postgres]:
     """A throwaway PostgreSQL 15 cluster (trust auth, fsync off) on a free loopback port."""
     if not (PG_BIN / "pg_ctl").is_file():
-        pytest.skip(f"PostgreSQL server binaries not found in {PG_BIN} (apt-get install postgresql)")
+        pytest.fail(f"PostgreSQL server binaries not found in {PG_BIN} (make system installs them)")
     root = Path(tempfile.mkdtemp(prefix="servemesh-registry-pg-"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres", "postgres")
