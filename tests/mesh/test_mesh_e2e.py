@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import time
 from collections import Counter
 from pathlib import Path
@@ -104,7 +105,9 @@ async def _who(stub: gpb_grpc.GatewayServiceStub, metadata: tuple[tuple[str, str
 
 
 async def test_rest_through_the_edge(mesh: Mesh) -> None:
-    async with httpx.AsyncClient(base_url=_edge(mesh), verify=_ca(mesh), timeout=60) as http:
+    async with httpx.AsyncClient(
+        base_url=_edge(mesh), verify=ssl.create_default_context(cafile=_ca(mesh)), timeout=60
+    ) as http:
         body = {"prompt": "Say hi", "params": {"maxTokens": 4, "temperature": 0}}
         resp = await http.post("/v1/generate", json=body)
         assert resp.status_code == 200, resp.text
