@@ -140,6 +140,7 @@ class Mesh:
         self.supervisors: list[Supervisor | EnvoyProcess] = []
         #: Envoy node id (deployment or "edge") -> its process
         self.envoys: dict[str, EnvoyProcess] = {}
+        self._state_written = False
 
     def _service_env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -149,7 +150,11 @@ class Mesh:
 
     async def _run(self, sup: Supervisor | EnvoyProcess) -> None:
         self._log(f"starting {sup.name} ...")
-        await sup.start()
+        try:
+            await sup.start()
+        except BaseException:  # timed out, crashed or cancelled (Ctrl-C): leave nothing running
+            await sup.stop()
+            raise
         self.supervisors.append(sup)
         self._log(f"{sup.name} is healthy (pid {sup.pid})")
 
@@ -252,6 +257,8 @@ class Mesh:
         )
         if self.mesh:
             await self._sidecar(deployment, "gateway", app_port, inbound, admin, outbound)
+        if self._state_written:
+            self.state().write(self.home)
 
     def state(self) -> MeshState:
         p = self.ports
@@ -354,9 +361,11 @@ class Mesh:
             self.envoys["edge"] = EnvoyProcess("edge", boot, self.run_dir / "envoy")
             await self._run(self.envoys["edge"])
         self.state().write(self.home)
+        self._state_written = True
 
     async def stop(self) -> None:
         MeshState.remove(self.home)
+        self._state_written = False
         for sup in reversed(self.supervisors):
             self._log(f"stopping {sup.name}")
             await sup.stop()

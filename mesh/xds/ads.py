@@ -16,6 +16,7 @@ configuration and the rejected version is not resent (the next state change is).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import time
@@ -31,7 +32,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from servemesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 
+from mesh.certs import spiffe_id
 from mesh.xds.snapshot import CLUSTER, LISTENER, ORDER, ROUTE, TYPE_NAMES, NodeInfo, Snapshot, SnapshotCache, version_of
+from services.common.errors import FieldViolation, InvalidArgument
 
 _log = logging.getLogger(__name__)
 _WILDCARD = frozenset({"*"})
@@ -84,9 +87,10 @@ def _ts(seconds: float) -> Timestamp:
 
 
 class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer, mesh_pb2_grpc.ControlPlaneServiceServicer):
-    def __init__(self, cache: SnapshotCache, metrics: XdsMetrics) -> None:
+    def __init__(self, cache: SnapshotCache, metrics: XdsMetrics, *, namespace: str = "default") -> None:
         self._cache = cache
         self._metrics = metrics
+        self._namespace = namespace
         self._nodes: dict[str, _NodeStatus] = {}
         self._nonces = itertools.count(1)
 
@@ -120,7 +124,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer, mesh_pb2_grpc.C
             while (item := await inbox.get()) is not None:
                 if isinstance(item, discovery_pb2.DiscoveryRequest):
                     if status is None:
-                        status = await self._open(item)
+                        status = await self._open(item, context)
                     self._on_request(status, item)
                 if status is not None:
                     for resp in self._pushes(status):
@@ -133,15 +137,24 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer, mesh_pb2_grpc.C
                 status.connected = False
                 _log.info("xds: %s disconnected", status.node.id)
 
-    async def _open(self, req: discovery_pb2.DiscoveryRequest) -> _NodeStatus:
+    async def _open(self, req: discovery_pb2.DiscoveryRequest, context: grpc.aio.ServicerContext) -> _NodeStatus:
         node = NodeInfo(
             id=req.node.id or "unknown",
             service=req.node.cluster,
             metadata=json_format.MessageToDict(req.node.metadata) if req.node.HasField("metadata") else {},
         )
-        # A reconnecting Envoy starts a new stream: what it runs is what it tells us, not
-        # what the old stream sent, so its per-type state starts afresh.
+        # An Envoy may only speak for the service its certificate names.
+        sans = {v.decode() for v in context.auth_context().get("x509_subject_alternative_name", [])}
+        if spiffe_id(node.service, self._namespace) not in sans:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"node {node.id!r} claims service {node.service!r}, but the peer's certificate is not that service's",
+            )
+        # A reconnecting Envoy starts a new stream with fresh per-type state, but it still runs
+        # the clusters it had: keep them in the union until its routes have moved on.
         status = _NodeStatus(node=node, connected=True, connect_time=time.time())
+        if (previous := self._nodes.get(node.id)) is not None:
+            status.types[CLUSTER].acked = previous.types[CLUSTER].acked
         self._nodes[node.id] = status
         _log.info("xds: %s (%s) connected", node.id, node.service)
         await self._cache.register(node)
@@ -174,8 +187,10 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer, mesh_pb2_grpc.C
                 st.last_nack_version = st.last_nack_message = ""
                 self._metrics.acks.labels(kind).inc()
         names = frozenset(req.resource_names)
-        st.subscribed = True
-        st.names = frozenset() if names <= _WILDCARD else names
+        if req.type_url == ROUTE:  # RDS names its route configs; none left means unsubscribed
+            st.subscribed, st.names = bool(names), names
+        else:  # clusters and listeners: empty or "*" is the wildcard subscription
+            st.subscribed, st.names = True, frozenset() if names <= _WILDCARD else names
 
     def _desired(self, snap: Snapshot, status: _NodeStatus, type_url: str) -> dict[str, Message]:
         st = status.types[type_url]
@@ -206,6 +221,8 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer, mesh_pb2_grpc.C
             resources = self._desired(snap, status, type_url)
             version = version_of(resources)
             if version == st.sent_version and resources.keys() == st.sent.keys():
+                if type_url == CLUSTER and st.acked_version != st.sent_version:
+                    break  # the Envoy rejected these clusters: routes to them must not follow
                 continue
             st.nonce, st.inflight = str(next(self._nonces)), True
             st.sent_version, st.sent = version, resources
@@ -233,13 +250,26 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer, mesh_pb2_grpc.C
     async def ListNodes(
         self, request: mesh_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> mesh_pb2.ListNodesResponse:
-        return mesh_pb2.ListNodesResponse(nodes=[self.node_status(n) for n in sorted(self._nodes)])
+        if not 0 <= request.page_size <= 500:
+            raise InvalidArgument(FieldViolation("page_size", f"must be in [0, 500]; got {request.page_size}"))
+        size = request.page_size or 100
+        ids = sorted(self._nodes)
+        start = 0
+        if request.page_token:  # the token is the last name of the previous page
+            if not request.page_token.startswith("nodes/"):
+                raise InvalidArgument(FieldViolation("page_token", "not a token from a previous ListNodes response"))
+            start = bisect.bisect_right(ids, request.page_token.removeprefix("nodes/"))
+        page = ids[start : start + size]
+        more = start + size < len(ids)
+        return mesh_pb2.ListNodesResponse(
+            nodes=[self.node_status(n) for n in page], next_page_token=f"nodes/{page[-1]}" if more else ""
+        )
 
     def node_status(self, node_id: str) -> mesh_pb2.Node:
         status = self._nodes[node_id]
         snap = self._cache.snapshot(node_id)
         out = mesh_pb2.Node(
-            id=node_id,
+            name=f"nodes/{node_id}",
             service=status.node.service,
             connected=status.connected,
             connect_time=_ts(status.connect_time),

@@ -30,6 +30,8 @@ IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
 #: services the edge exposes, with their gRPC services
 EDGE_SERVICES = {"gateway": (gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,)}
 EDGE = "edge"
+#: a route's upstream timeout when the registry sets none (the contract's "mesh default")
+DEFAULT_TIMEOUT_S = 300.0
 
 
 def _id(name: str) -> str:
@@ -48,8 +50,11 @@ def service_routes(state: registry_pb2.WatchRoutesResponse, service: str) -> env
         envoy.RouteSpec(
             route_class=r.route_class,
             backends=[(envoy.cluster_name(_id(b.deployment)), b.weight) for b in r.backends],
-            header_overrides=[(o.header, o.value, envoy.cluster_name(_id(o.deployment))) for o in r.header_overrides],
-            timeout_seconds=r.timeout.ToTimedelta().total_seconds() if r.HasField("timeout") else None,
+            # a locked route is pinned to its backends: overrides to anything else do not apply
+            header_overrides=[]
+            if r.locked
+            else [(o.header, o.value, envoy.cluster_name(_id(o.deployment))) for o in r.header_overrides],
+            timeout_seconds=r.timeout.ToTimedelta().total_seconds() if r.HasField("timeout") else DEFAULT_TIMEOUT_S,
             idempotent_methods=IDEMPOTENT_METHODS.get(service, ()),
         )
         for r in routes

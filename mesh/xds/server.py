@@ -28,6 +28,7 @@ from mesh.xds.ads import AdsServer, XdsMetrics
 from mesh.xds.build import build_snapshot
 from mesh.xds.snapshot import SnapshotCache
 from mesh.xds.source import follow_registry
+from services.common.client import CHANNEL_OPTIONS
 from services.common.logging import configure_logging
 from services.common.metrics import new_registry
 from services.common.server import GrpcServer, Service, create_server
@@ -73,7 +74,7 @@ class ControlPlane:
         return grpc.aio.secure_channel(
             s.registry_target,
             certs.channel_credentials(ident),
-            options=[("grpc.ssl_target_name_override", "registry")],
+            options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", "registry")],  # keepalive: no half-open watch
         )
 
     async def start(self) -> None:
@@ -95,7 +96,7 @@ async def create_control_plane(
     metrics = XdsMetrics(registry)
     builder = functools.partial(build_snapshot, certs_dir=settings.certs_dir, namespace=settings.namespace)
     cache = SnapshotCache(builder, on_error=lambda _node, _exc: metrics.snapshot_errors.inc())
-    ads = AdsServer(cache, metrics)
+    ads = AdsServer(cache, metrics, namespace=settings.namespace)
     # Rotated certificates are picked up for new connections without a restart.
     credentials = certs.dynamic_server_credentials(certs.identity(settings.certs_dir, IDENTITY, settings.namespace))
     server = await create_server(

@@ -28,8 +28,9 @@ async def follow_registry(
     """Run until cancelled. `channel` makes a fresh channel for each connection attempt."""
     backoff = initial_backoff
     while True:
-        chan = channel()
+        chan: grpc.aio.Channel | None = None
         try:
+            chan = channel()
             stub = registry_pb2_grpc.RegistryServiceStub(chan)
             async for state in stub.WatchRoutes(registry_pb2.WatchRoutesRequest()):
                 backoff = initial_backoff
@@ -39,7 +40,10 @@ async def follow_registry(
             _log.warning("registry ended the route watch; reconnecting")
         except grpc.aio.AioRpcError as exc:
             _log.warning("registry watch failed (%s: %s); retrying in %.1fs", exc.code().name, exc.details(), backoff)
+        except Exception:  # e.g. certificates mid-rotation: never let the follower die
+            _log.exception("registry watch failed; retrying in %.1fs", backoff)
         finally:
-            await chan.close()
+            if chan is not None:
+                await chan.close()
         await asyncio.sleep(backoff)
         backoff = min(max_backoff, backoff * 2)

@@ -85,7 +85,8 @@ async def _update(m: Mesh, route: rpb.Route, paths: list[str], reason: str = "te
 
 
 async def _wait_in_sync(m: Mesh, revision: int, timeout: float = 5.0) -> None:
-    """Until every Envoy the control plane serves has acked a configuration of `revision` or later."""
+    """Until each ADS Envoy (the edge, every gateway sidecar) is connected and has acked `revision` or later."""
+    expected = {"edge"} | {name for name in m.envoys if name.startswith("gateway-")}
     deadline = time.monotonic() + timeout
     nodes: list[mesh_pb2.Node] = []
     while time.monotonic() < deadline:
@@ -94,7 +95,12 @@ async def _wait_in_sync(m: Mesh, revision: int, timeout: float = 5.0) -> None:
             # wait_for_ready: the control plane may be restarting
             resp = await stub.ListNodes(mesh_pb2.ListNodesRequest(), wait_for_ready=True, timeout=timeout)
             nodes = list(resp.nodes)
-        if nodes and all(n.in_sync and n.registry_revision >= revision for n in nodes):
+        ready = {
+            n.name.removeprefix("nodes/")
+            for n in nodes
+            if n.connected and n.in_sync and n.registry_revision >= revision
+        }
+        if ready >= expected:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"Envoys not in sync with revision {revision}: {nodes}")
@@ -188,6 +194,13 @@ async def test_split_override_and_flip(mesh: Mesh) -> None:
         after = await asyncio.gather(*(_who(stub) for _ in range(100)))
         assert set(after) == {"gateway-canary"} and took < 1.0, (took, Counter(after))
 
+    # back to stable, no overrides, for the tests after this one
+    route = await _route(mesh, "routes/gateway")
+    del route.backends[:], route.header_overrides[:]
+    route.backends.append(rpb.WeightedBackend(deployment="deployments/gateway-stable", weight=100))
+    route = await _update(mesh, route, ["backends", "header_overrides"], reason="restore")
+    await _wait_in_sync(mesh, route.revision)
+
 
 async def test_control_plane_killed_mid_traffic_loses_no_request(mesh: Mesh) -> None:
     cp = next(s for s in mesh.supervisors if s.name == "control-plane")
@@ -241,5 +254,6 @@ async def test_registry_refuses_a_caller_the_policy_does_not_allow(mesh: Mesh) -
 def test_state_file_points_at_the_mesh(mesh: Mesh) -> None:
     state = json.loads((mesh.home / "run" / "mesh.json").read_text())
     assert state["mesh"] is True and state["gateway"].endswith(f":{mesh.ports.edge}")
-    assert set(state["envoys"]) == {"edge", "gateway-stable", "inference-stable", "registry"}
+    # rewritten when a deployment joins (the canary gateway of the split test)
+    assert set(state["envoys"]) == set(mesh.envoys) >= {"edge", "gateway-stable", "inference-stable", "registry"}
     assert Path(state["certs_dir"], "ca.crt").exists()

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.listener.v3 import listener_pb2
@@ -27,14 +28,22 @@ from tests.engine_fixtures import free_port
 NODE = "gateway-stable"
 
 
-def _resources(ident: certs.Identity, clusters: dict[str, int], route_to: str, listener_port: int, bad: bool = False):
-    out = [
-        envoy.to_proto(
-            envoy.deployment_cluster(name, "127.0.0.1", port, ident, certs.spiffe_id("inference")),
-            cluster_pb2.Cluster(),
-        )
-        for name, port in clusters.items()
-    ]
+def _cluster(ident: certs.Identity, name: str, port: int, bad: bool = False) -> cluster_pb2.Cluster:
+    doc = envoy.deployment_cluster(name, "127.0.0.1", port, ident, certs.spiffe_id("inference"))
+    if bad:  # Envoy requires a positive connect timeout: it rejects the whole cluster update
+        doc["connect_timeout"] = "-1s"
+    return envoy.to_proto(doc, cluster_pb2.Cluster())
+
+
+def _resources(
+    ident: certs.Identity,
+    clusters: dict[str, int],
+    route_to: str,
+    listener_port: int,
+    bad: bool = False,
+    bad_cluster: str = "",
+):
+    out = [_cluster(ident, name, port, bad=name == bad_cluster) for name, port in clusters.items()]
     out.append(envoy.to_proto(envoy.outbound_listener(listener_port), listener_pb2.Listener()))
     rc = envoy.route_configuration(
         "outbound", [envoy.ServiceRoutes("inference", [envoy.RouteSpec(backends=[(envoy.cluster_name(route_to), 1)])])]
@@ -137,3 +146,43 @@ async def test_a_nacked_config_leaves_the_last_good_one_serving(plane) -> None:
     assert "d.b" in await _routes_in_envoy(proxy)
     active = set(json.dumps(await proxy.config_dump("dynamic_active_clusters")).split('"'))
     assert "d.b" in active and "d.a" not in active
+
+
+async def test_routes_never_follow_clusters_the_envoy_rejected(plane) -> None:
+    cache, ads, proxy, ident, out_port = plane
+    node = await _status(ads, lambda n: n.in_sync)
+    good_routes = next(r.acked_version for r in node.resources if r.type_url == ROUTE)
+
+    snap = Snapshot.of(2, _resources(ident, {"a": free_port(), "b": free_port()}, "b", out_port, bad_cluster="b"))
+    await cache.set_snapshot(NODE, snap)
+    node = await _status(ads, lambda n: any(r.nack_count for r in n.resources))
+    clusters = next(r for r in node.resources if r.type_url == CLUSTER)
+    assert clusters.nack_count == 1 and "positive duration" in clusters.last_nack_message, clusters
+    await asyncio.sleep(0.5)  # give a wrong push the time to happen
+    routes = next(r for r in ads.node_status(NODE).resources if r.type_url == ROUTE)
+    assert routes.sent_version == routes.acked_version == good_routes  # routes to d.b were never sent
+    assert "d.b" not in await _routes_in_envoy(proxy)
+
+
+async def test_a_peer_cannot_speak_for_another_service(plane, tmp_path: Path) -> None:
+    """A valid mesh certificate of `cli` claiming to be the gateway's sidecar is refused."""
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    _cache, ads, proxy, ident, _out_port = plane
+    cli = certs.identity(Path(ident.cert_path).parent.parent, "cli")
+    boot = proxy.bootstrap["static_resources"]["clusters"]
+    xds = next(c for c in boot if c["name"] == "xds")
+    port = xds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    options = [("grpc.ssl_target_name_override", "control-plane")]
+    async with grpc.aio.secure_channel(
+        f"127.0.0.1:{port['port_value']}", certs.channel_credentials(cli), options=options
+    ) as ch:
+        call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch).StreamAggregatedResources()
+        await call.write(
+            discovery_pb2.DiscoveryRequest(node=base_pb2.Node(id=NODE, cluster="gateway"), type_url=CLUSTER)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await call.read()
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert ads.node_status(NODE).connected  # the real sidecar's stream is untouched

@@ -49,13 +49,20 @@ class Deployment(_message.Message):
     as the id.
     """
     endpoint: _builtins.str
-    """Required. host:port where the mesh reaches it: its sidecar's inbound
-    listener in mesh mode, the service itself in --no-mesh mode.
+    """Required. host:port where the mesh reaches it (its sidecar's inbound
+    listener in mesh mode, the service itself in --no-mesh mode): a hostname
+    of at most 253 characters, an IPv4 address or a bracketed IPv6 address,
+    and a port in [1, 65535].
     """
     engine: _builtins.str
-    """Optional. The engine it serves, e.g. "vllm" (inference deployments)."""
+    """Optional. The engine it serves, e.g. "vllm" (inference deployments):
+    1-63 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or
+    digit.
+    """
     model_id: _builtins.str
-    """Optional. The model it serves."""
+    """Optional. The model it serves: 1-256 printable ASCII characters, no
+    spaces.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it was registered."""
@@ -168,13 +175,15 @@ class Route(_message.Message):
     Immutable.
     """
     route_class: _builtins.str
-    """Optional. Route class (e.g. chat_short) whose requests the route takes;
-    empty for the service's default route. At most one route per service and
-    class. Immutable.
+    """Optional. Route class (e.g. chat_short) whose requests the route takes:
+    1-63 characters of a-z, 0-9, '_' and '-', starting with a letter; empty
+    for the service's default route. At most one route per service and class
+    (ALREADY_EXISTS otherwise). Immutable.
     """
     locked: _builtins.bool
-    """Optional. A locked route is pinned: updates that do not also unlock it
-    fail with FAILED_PRECONDITION (and rollouts leave it alone).
+    """Optional. A locked route is pinned to its backends: header overrides do
+    not apply, updates that do not also unlock it and deletes fail with
+    FAILED_PRECONDITION (and rollouts leave it alone).
     """
     etag: _builtins.str
     """Output only. Opaque version of the route; send it back on update and
@@ -835,9 +844,13 @@ class ListAuditEntriesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     resource: _builtins.str
-    """Optional. Only changes to this resource, e.g. `routes/inference`."""
+    """Optional. Only changes to this resource, e.g. `routes/inference`; at
+    most 256 characters.
+    """
     actor: _builtins.str
-    """Optional. Only changes whose actor contains this text."""
+    """Optional. Only changes whose actor contains this text (case-insensitive);
+    at most 256 characters.
+    """
     page_size: _builtins.int
     """Optional. At most this many, in [0, 500]; 0 means 100."""
     page_token: _builtins.str

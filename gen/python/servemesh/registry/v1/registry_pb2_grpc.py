@@ -175,7 +175,8 @@ class RegistryServiceServicer:
     def WatchRoutes(self, request, context):
         """Streams the whole routing state: once at once, then again after every
         change (changes made close together may arrive as one message). Each
-        message is complete, so a follower never applies deltas.
+        message is complete, so a follower never applies deltas. Ends with
+        UNAVAILABLE when the registry shuts down: reconnect.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

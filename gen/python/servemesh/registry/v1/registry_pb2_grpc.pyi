@@ -67,7 +67,8 @@ class RegistryServiceStub:
     WatchRoutes: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchRoutesRequest, _registry_pb2.WatchRoutesResponse]
     """Streams the whole routing state: once at once, then again after every
     change (changes made close together may arrive as one message). Each
-    message is complete, so a follower never applies deltas.
+    message is complete, so a follower never applies deltas. Ends with
+    UNAVAILABLE when the registry shuts down: reconnect.
     """
     ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListAuditEntriesRequest, _registry_pb2.ListAuditEntriesResponse]
     """Lists the audit log, newest first."""
@@ -111,7 +112,8 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     WatchRoutes: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchRoutesRequest, _registry_pb2.WatchRoutesResponse]  # type: ignore[assignment]
     """Streams the whole routing state: once at once, then again after every
     change (changes made close together may arrive as one message). Each
-    message is complete, so a follower never applies deltas.
+    message is complete, so a follower never applies deltas. Ends with
+    UNAVAILABLE when the registry shuts down: reconnect.
     """
     ListAuditEntries: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListAuditEntriesRequest, _registry_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
     """Lists the audit log, newest first."""
@@ -212,7 +214,8 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchRoutesResponse], _abc.AsyncIterator[_registry_pb2.WatchRoutesResponse]]:
         """Streams the whole routing state: once at once, then again after every
         change (changes made close together may arrive as one message). Each
-        message is complete, so a follower never applies deltas.
+        message is complete, so a follower never applies deltas. Ends with
+        UNAVAILABLE when the registry shuts down: reconnect.
         """
 
     @_abc_1.abstractmethod
