@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -40,7 +41,8 @@ def servemesh_home(environ: dict[str, str] | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Ports:
-    # the services themselves (loopback, plaintext; behind their sidecars in mesh mode)
+    # the services themselves with --no-mesh (loopback, plaintext); in the mesh they
+    # listen on Unix sockets in <home>/run/sockets, reachable only through their sidecars
     gateway: int = 50050
     inference: int = 50051
     registry: int = 50052
@@ -55,32 +57,28 @@ class Ports:
     gateway_inbound: int = 15050
     inference_inbound: int = 15051
     registry_inbound: int = 15052
-    gateway_outbound: int = 15150
     #: Envoy admin ports: edge, gateway, inference, registry from here up
     admin: int = 15900
 
     def used(self, mesh: bool) -> list[tuple[int, str]]:
         ports = [
-            (self.gateway, "gateway"),
-            (self.inference, "inference"),
-            (self.registry, "registry"),
             (self.vllm, "vllm"),
             (self.gateway_metrics, "gateway metrics"),
             (self.inference_metrics, "inference metrics"),
             (self.registry_metrics, "registry metrics"),
         ]
-        if mesh:
-            ports += [
-                (self.edge, "edge Envoy"),
-                (self.control_plane, "control plane"),
-                (self.control_plane_metrics, "control plane metrics"),
-                (self.gateway_inbound, "gateway sidecar"),
-                (self.inference_inbound, "inference sidecar"),
-                (self.registry_inbound, "registry sidecar"),
-                (self.gateway_outbound, "gateway sidecar outbound"),
-                *((self.admin + i, "Envoy admin") for i in range(4)),
-            ]
-        return ports
+        if not mesh:  # in the mesh the services listen on Unix sockets
+            return [(self.gateway, "gateway"), (self.inference, "inference"), (self.registry, "registry"), *ports]
+        return [
+            *ports,
+            (self.edge, "edge Envoy"),
+            (self.control_plane, "control plane"),
+            (self.control_plane_metrics, "control plane metrics"),
+            (self.gateway_inbound, "gateway sidecar"),
+            (self.inference_inbound, "inference sidecar"),
+            (self.registry_inbound, "registry sidecar"),
+            *((self.admin + i, "Envoy admin") for i in range(4)),
+        ]
 
 
 def grpc_health_check(target: str, channel: Callable[[], grpc.aio.Channel] | None = None) -> Callable[[], object]:
@@ -136,6 +134,7 @@ class Mesh:
         self.certs_dir = home / "certs"
         self.logs = home / "logs"
         self.run_dir = home / "run"
+        self.sockets = self.run_dir / "sockets"
         self._log = log
         self.supervisors: list[Supervisor | EnvoyProcess] = []
         #: Envoy node id (deployment or "edge") -> its process
@@ -175,8 +174,24 @@ class Mesh:
             log_path=self.logs / f"{name}.log",
         )
 
+    def _app(self, name: str, port: int, env_prefix: str) -> tuple[str, dict[str, str], envoy.LocalAddress]:
+        """Where an app listens: a Unix socket only its sidecar reaches (mesh), or a loopback port.
+
+        Returns the gRPC target, the settings env and the sidecar's view of the address.
+        """
+        if not self.mesh:
+            return f"127.0.0.1:{port}", {f"{env_prefix}PORT": str(port)}, port
+        sock = self.sockets / f"{name}.sock"
+        return f"unix:{sock}", {f"{env_prefix}UNIX_SOCKET": str(sock)}, sock
+
     async def _sidecar(
-        self, deployment: str, service: str, app_port: int, inbound: int, admin: int, outbound: int | None = None
+        self,
+        deployment: str,
+        service: str,
+        app: envoy.LocalAddress,
+        inbound: int,
+        admin: int,
+        outbound: envoy.LocalAddress | None = None,
     ) -> None:
         assert self.policy is not None
         ident = certs.identity(self.certs_dir, service, self.namespace)
@@ -185,7 +200,7 @@ class Mesh:
             ident,
             admin_port=admin,
             inbound_port=inbound,
-            app_port=app_port,
+            app_port=app,
             # only a sidecar that calls other services needs the control plane
             xds_address=("127.0.0.1", self.ports.control_plane) if outbound else None,
             policy=self.policy,
@@ -219,25 +234,28 @@ class Mesh:
     async def start_inference(
         self, deployment: str, app_port: int, metrics_port: int, inbound: int, admin: int
     ) -> None:
+        """An inference deployment (and its sidecar); `app_port` is used with --no-mesh only."""
+        target, env, app = self._app(deployment, app_port, "SERVEMESH_INFERENCE_")
         await self._run(
             self._service(
                 deployment,
                 "services.inference.server",
-                f"127.0.0.1:{app_port}",
-                SERVEMESH_INFERENCE_PORT=str(app_port),
+                target,
                 SERVEMESH_INFERENCE_METRICS_PORT=str(metrics_port),
                 SERVEMESH_INFERENCE_ENGINES=json.dumps(self.engines),
+                **env,
             )
         )
         if self.mesh:
-            await self._sidecar(deployment, "inference", app_port, inbound, admin)
+            await self._sidecar(deployment, "inference", app, inbound, admin)
 
-    async def start_gateway(
-        self, deployment: str, app_port: int, metrics_port: int, inbound: int, outbound: int, admin: int
-    ) -> None:
+    async def start_gateway(self, deployment: str, app_port: int, metrics_port: int, inbound: int, admin: int) -> None:
+        """A gateway deployment (and its sidecar); `app_port` is used with --no-mesh only."""
+        target, env, app = self._app(deployment, app_port, "SERVEMESH_GATEWAY_")
+        outbound = self.sockets / f"{deployment}.outbound.sock"
         upstream = (
             {
-                "SERVEMESH_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{outbound}",
+                "SERVEMESH_GATEWAY_INFERENCE_TARGET": f"unix:{outbound}",
                 "SERVEMESH_GATEWAY_INFERENCE_AUTHORITY": "inference",
             }
             if self.mesh
@@ -247,16 +265,16 @@ class Mesh:
             self._service(
                 deployment,
                 "services.gateway.server",
-                f"127.0.0.1:{app_port}",
-                SERVEMESH_GATEWAY_PORT=str(app_port),
+                target,
                 SERVEMESH_GATEWAY_METRICS_PORT=str(metrics_port),
                 SERVEMESH_GATEWAY_DEPLOYMENT=deployment,
+                **env,
                 **upstream,
                 **self.gateway_env,
             )
         )
         if self.mesh:
-            await self._sidecar(deployment, "gateway", app_port, inbound, admin, outbound)
+            await self._sidecar(deployment, "gateway", app, inbound, admin, outbound)
         if self._state_written:
             self.state().write(self.home)
 
@@ -290,19 +308,23 @@ class Mesh:
         if self.mesh:
             for ident in certs.ensure_identities(self.certs_dir, IDENTITIES, self.namespace).values():
                 envoy.write_sds_files(ident)
+            # the apps' sockets: 0700, so only this user's processes (the sidecars) reach them
+            shutil.rmtree(self.sockets, ignore_errors=True)
+            self.sockets.mkdir(mode=0o700, parents=True)
+        target, env, app = self._app("registry", p.registry, "SERVEMESH_REGISTRY_")
         await self._run(
             self._service(
                 "registry",
                 "services.registry.server",
-                f"127.0.0.1:{p.registry}",
-                SERVEMESH_REGISTRY_PORT=str(p.registry),
+                target,
+                **env,
                 SERVEMESH_REGISTRY_METRICS_PORT=str(p.registry_metrics),
                 SERVEMESH_REGISTRY_DATA_DIR=str(self.home / "registry"),
                 SERVEMESH_REGISTRY_TRUST_FORWARDED_IDENTITY=str(self.mesh).lower(),
             )
         )
         if self.mesh:
-            await self._sidecar("registry", "registry", p.registry, p.registry_inbound, p.admin + 3)
+            await self._sidecar("registry", "registry", app, p.registry_inbound, p.admin + 3)
             await self._run(
                 self._service(
                     "control-plane",
@@ -350,9 +372,7 @@ class Mesh:
         await self.start_inference(
             "inference-stable", p.inference, p.inference_metrics, p.inference_inbound, p.admin + 2
         )
-        await self.start_gateway(
-            "gateway-stable", p.gateway, p.gateway_metrics, p.gateway_inbound, p.gateway_outbound, p.admin + 1
-        )
+        await self.start_gateway("gateway-stable", p.gateway, p.gateway_metrics, p.gateway_inbound, p.admin + 1)
         if self.mesh:
             ident = certs.identity(self.certs_dir, "edge", self.namespace)
             boot = envoy.edge_bootstrap(

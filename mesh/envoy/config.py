@@ -87,6 +87,17 @@ def _address(host: str, port: int) -> Json:
     return {"socket_address": {"address": host, "port_value": int(port)}}
 
 
+#: where a sidecar meets its app: a loopback port, or a Unix socket (mode 0600: only the
+#: user running the mesh can connect, so no other local process can skip the sidecar)
+LocalAddress = int | Path
+
+
+def _local_address(addr: LocalAddress) -> Json:
+    if isinstance(addr, Path):
+        return {"pipe": {"path": str(addr), "mode": 0o600}}
+    return _address("127.0.0.1", addr)
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -104,12 +115,15 @@ class Node:
 
     id: str
     service: str
-    outbound_port: int | None = None
+    #: where its "outbound" listener listens (served over ADS); None: the node calls nothing
+    outbound: LocalAddress | None = None
 
     def as_dict(self) -> Json:
         metadata: Json = {"service": self.service}
-        if self.outbound_port is not None:
-            metadata["outbound_port"] = self.outbound_port
+        if isinstance(self.outbound, Path):
+            metadata["outbound_socket"] = str(self.outbound)
+        elif self.outbound is not None:
+            metadata["outbound_port"] = self.outbound
         return {"id": self.id, "cluster": self.service, "metadata": metadata}
 
 
@@ -451,13 +465,16 @@ def deployment_cluster(
     return cluster
 
 
-def local_app_cluster(app_port: int, host: str = "127.0.0.1") -> Json:
+def local_app_cluster(app: LocalAddress) -> Json:
     """Cluster "local_app": the service process next to the sidecar, HTTP/2 plaintext."""
     return {
         "name": "local_app",
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": _load_assignment("local_app", host, app_port),
+        "load_assignment": {
+            "cluster_name": "local_app",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _local_address(app)}}]}],
+        },
         "typed_extension_protocol_options": _http2_options(keepalive=False),
         "circuit_breakers": {
             "thresholds": [
@@ -562,11 +579,14 @@ def inbound_listener(
     }
 
 
-def outbound_listener(port: int, *, route_config: Json | None = None, stream_idle_timeout_s: float = 900.0) -> Json:
-    """Listener "outbound" on 127.0.0.1:<port> for the local app (plaintext h2c); routes from RDS "outbound".
+def outbound_listener(
+    port: LocalAddress, *, route_config: Json | None = None, stream_idle_timeout_s: float = 900.0
+) -> Json:
+    """Listener "outbound" on 127.0.0.1:<port> or a Unix socket for the local app (plaintext h2c).
 
-    The app addresses a service by authority: a gRPC channel to 127.0.0.1:<port> with
-    option grpc.default_authority=<service>. `route_config` inlines routes instead of RDS.
+    The app addresses a service by authority: a gRPC channel to 127.0.0.1:<port> (or
+    unix:<path>) with option grpc.default_authority=<service>. Routes come from RDS
+    "outbound"; `route_config` inlines them instead.
     """
     hcm = _hcm(
         "outbound",
@@ -575,7 +595,7 @@ def outbound_listener(port: int, *, route_config: Json | None = None, stream_idl
         route_config=route_config,
         stream_idle_timeout_s=stream_idle_timeout_s,
     )
-    return {"name": "outbound", "address": _address("127.0.0.1", port), "filter_chains": [{"filters": [hcm]}]}
+    return {"name": "outbound", "address": _local_address(port), "filter_chains": [{"filters": [hcm]}]}
 
 
 @dataclass(frozen=True)
@@ -893,7 +913,7 @@ def sidecar_bootstrap(
     *,
     admin_port: int,
     inbound_port: int,
-    app_port: int,
+    app_port: LocalAddress,
     xds_address: tuple[str, int] | None,
     policy: Policy,
     static_clusters: Sequence[Json] = (),

@@ -83,8 +83,9 @@ def build_snapshot(
         rc = envoy.edge_route_configuration("edge", specs)
     else:
         rc = envoy.route_configuration("outbound", specs)
-        port = node.metadata.get("outbound_port")
-        if port:
+        if sock := node.metadata.get("outbound_socket"):
+            listeners.append(envoy.outbound_listener(Path(str(sock))))
+        elif port := node.metadata.get("outbound_port"):
             listeners.append(envoy.outbound_listener(int(port)))  # type: ignore[call-overload]
     return Snapshot.of(
         revision,

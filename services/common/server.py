@@ -85,6 +85,8 @@ class GrpcServer:
 
     @property
     def address(self) -> str:
+        if self.settings.unix_socket is not None:
+            return f"unix:{self.settings.unix_socket}"
         host = self.settings.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
@@ -191,6 +193,8 @@ async def create_server(
 
     host = settings.host
     bind = f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"
+    if settings.unix_socket is not None:
+        bind = f"unix:{settings.unix_socket}"
     port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
     return GrpcServer(
         server=server,

@@ -49,6 +49,9 @@ class ServiceSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535, description="gRPC port; 0 picks a free port.")
+    #: listen on this Unix socket instead of host:port (behind a sidecar on one machine:
+    #: only the mesh's user can connect, so nothing local skips the sidecar's mTLS and RBAC)
+    unix_socket: Path | None = None
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Prometheus HTTP port; None disables, 0 picks a free port."
     )

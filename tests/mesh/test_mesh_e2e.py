@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import ssl
+import stat
 import time
 from collections import Counter
 from pathlib import Path
@@ -139,7 +140,7 @@ async def test_typed_stub_through_the_edge(mesh: Mesh) -> None:
 
 
 async def test_split_override_and_flip(mesh: Mesh) -> None:
-    canary = {"app": free_port(), "metrics": free_port(), "in": free_port(), "out": free_port(), "admin": free_port()}
+    canary = {"app": free_port(), "metrics": free_port(), "in": free_port(), "admin": free_port()}
     await mesh.register(
         rpb.Deployment(
             name="deployments/gateway-canary",
@@ -148,9 +149,7 @@ async def test_split_override_and_flip(mesh: Mesh) -> None:
             endpoint=f"127.0.0.1:{canary['in']}",
         )
     )
-    await mesh.start_gateway(
-        "gateway-canary", canary["app"], canary["metrics"], canary["in"], canary["out"], canary["admin"]
-    )
+    await mesh.start_gateway("gateway-canary", *canary.values())
     route = await _route(mesh, "routes/gateway")
     del route.backends[:]
     route.backends.extend(
@@ -257,3 +256,18 @@ def test_state_file_points_at_the_mesh(mesh: Mesh) -> None:
     # rewritten when a deployment joins (the canary gateway of the split test)
     assert set(state["envoys"]) == set(mesh.envoys) >= {"edge", "gateway-stable", "inference-stable", "registry"}
     assert Path(state["certs_dir"], "ca.crt").exists()
+
+
+def test_services_are_reachable_only_through_their_sidecars(mesh: Mesh) -> None:
+    """The apps listen on Unix sockets in a 0700 directory, not on loopback ports another user could reach."""
+    sockets = mesh.home / "run" / "sockets"
+    assert stat.S_IMODE(sockets.stat().st_mode) == 0o700
+    assert {p.name for p in sockets.iterdir()} >= {
+        "registry.sock",
+        "inference-stable.sock",
+        "gateway-stable.sock",
+        "gateway-stable.outbound.sock",
+    }
+    for port in (mesh.ports.gateway, mesh.ports.inference, mesh.ports.registry):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
