@@ -68,23 +68,23 @@ class LevelResult:
 
     def added_ms(self, q: float) -> float:
         added = [s.ttft - s.engine_ttft for s in self.samples if s.engine_ttft is not None]
-        return _quantile(added, q) * 1e3
+        return quantile(added, q) * 1e3
 
     def hop_cpu_ms_per_1k_tokens(self) -> float:
         tokens = sum(s.tokens for s in self.samples)
         return self.hop_cpu / tokens * 1e6 if tokens else float("nan")
 
     def ttft_ms(self, q: float) -> float:
-        return _quantile([s.ttft for s in self.samples], q) * 1e3
+        return quantile([s.ttft for s in self.samples], q) * 1e3
 
     def itl_ms(self) -> float:
-        return _quantile([g for s in self.samples for g in s.gaps], 0.5) * 1e3
+        return quantile([g for s in self.samples for g in s.gaps], 0.5) * 1e3
 
     def tokens_per_s(self) -> float:
         return sum(s.tokens for s in self.samples) / self.wall if self.wall else 0.0
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     if len(values) == 1:

@@ -12,6 +12,7 @@ import httpx
 import typer
 from google.protobuf import field_mask_pb2
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from servemesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from servemesh.registry.v1 import registry_pb2 as rpb
@@ -49,7 +50,7 @@ def _call(home: Path | None, fn: Callable[[rpb_grpc.RegistryServiceStub], Awaita
     try:
         return asyncio.run(run())
     except grpc.aio.AioRpcError as exc:
-        err.print(f"[red]error:[/red] {exc.code().name}: {exc.details()}")
+        err.print(f"error: {exc.code().name}: {exc.details()}", markup=False, highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -237,7 +238,7 @@ def mesh_status(home: Home = None) -> None:
     try:
         nodes = asyncio.run(run()).nodes
     except grpc.aio.AioRpcError as exc:
-        err.print(f"[red]error:[/red] control plane: {exc.code().name}: {exc.details()}")
+        err.print(f"error: control plane: {exc.code().name}: {exc.details()}", markup=False, highlight=False)
         raise typer.Exit(1) from None
     table = Table(
         "envoy", "connected", "in sync", "revision", "acked (clusters / listeners / routes)", "NACKs", "upstreams"
@@ -250,14 +251,61 @@ def mesh_status(home: Home = None) -> None:
             for r in n.resources
             if r.nack_count
         )
-        port = state.envoys.get(n.id)
+        node_id = n.name.removeprefix("nodes/")
+        port = state.envoys.get(node_id)
         table.add_row(
-            n.id,
+            escape(node_id),
             "yes" if n.connected else "[red]no[/red]",
             "yes" if n.in_sync else "[yellow]no[/yellow]",
             str(n.registry_revision),
             acked,
-            nacks or "0",
+            escape(nacks or "0"),
             _upstream_health(port) if port else "-",
         )
     out.print(table)
+
+
+@mesh_app.command("bench")
+def mesh_bench(
+    home: Home = None,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,16,64",
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds over all paths and levels.")] = 2,
+    unary_requests: Annotated[
+        int, typer.Option(help="Unary calls per path, level and round (at least 4x the level).")
+    ] = 200,
+    stream_requests: Annotated[int, typer.Option(help="Streams per path, level and round (at least the level).")] = 24,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per StreamGenerate; the echo streams as many chunks.")] = 4,
+    flips: Annotated[int, typer.Option(help="Route flips to time (in pairs, spread over the rounds).")] = 50,
+    budget: Annotated[
+        float, typer.Option(help="Seconds of measuring after start-up; then what ran is printed, marked partial.")
+    ] = 480.0,
+) -> None:
+    """The mesh's added latency against --no-mesh and a bare Envoy chain, and route flip-to-effect time.
+
+    Starts its own mesh, --no-mesh services and echo chain on free loopback ports (small engine only).
+
+    Prints markdown tables to stdout, stops everything, exits 1 if a target was missed.
+    """
+    from mesh.bench_mesh import run_mesh_bench
+
+    levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    if not levels or min(levels) < 1 or rounds < 1 or flips < 0:
+        raise typer.BadParameter("concurrency levels and rounds must be >= 1, flips >= 0")
+    try:
+        met = asyncio.run(
+            run_mesh_bench(
+                home or servemesh_home(),
+                levels,
+                rounds=rounds,
+                unary_requests=unary_requests,
+                stream_requests=stream_requests,
+                max_tokens=max_tokens,
+                flips=flips,
+                budget_s=budget,
+                log=lambda m: err.print(m, markup=False, highlight=False),
+            )
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        err.print("interrupted: everything it started is stopped")
+        raise typer.Exit(130) from None
+    raise typer.Exit(0 if met else 1)

@@ -93,6 +93,32 @@ def grpc_health_check(target: str, channel: Callable[[], grpc.aio.Channel] | Non
     return healthy
 
 
+def free_port() -> int:
+    """A loopback port free right now (tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def free_port_run(n: int) -> int:
+    """The first of n consecutive free loopback ports (Ports.admin is such a run)."""
+    for _ in range(100):
+        first = free_port()
+        socks: list[socket.socket] = []
+        try:
+            for port in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
+
+
 def _check_free(port: int, what: str) -> None:
     with socket.socket() as s:
         try:

@@ -25,7 +25,7 @@ from servemesh.mesh.v1 import mesh_pb2, mesh_pb2_grpc
 from servemesh.registry.v1 import registry_pb2 as rpb
 from servemesh.registry.v1 import registry_pb2_grpc as rpb_grpc
 
-from mesh.launcher import Mesh, Ports
+from mesh.launcher import Mesh, Ports, free_port_run
 from tests.engine_fixtures import free_port
 
 pytestmark = pytest.mark.timeout(600)
@@ -34,7 +34,9 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory, prepared_model) -> Mesh:
     model_dir, card = prepared_model
-    ports = Ports(**{f.name: free_port() for f in dataclasses.fields(Ports) if f.name != "admin"}, admin=_free_run(4))
+    ports = Ports(
+        **{f.name: free_port() for f in dataclasses.fields(Ports) if f.name != "admin"}, admin=free_port_run(4)
+    )
     engines = [{"id": "small", "kind": "small", "model": card.model_id, "model_dir": str(model_dir)}]
     # every route class on the small engine (no vLLM in this module)
     classes = {"chat_short": {"engine": "small", "default_max_tokens": 64, "max_tokens_limit": 256}}
@@ -45,25 +47,6 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, prepared_model) -> Mesh
         yield m
     finally:
         await m.stop()
-
-
-def _free_run(n: int) -> int:
-    """The first of n consecutive free loopback ports (Envoy admin ports are allocated in a run)."""
-    for _ in range(100):
-        first = free_port()
-        socks = []
-        try:
-            for port in range(first, first + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return first
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def _ca(m: Mesh) -> str:
