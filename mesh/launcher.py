@@ -93,29 +93,42 @@ def grpc_health_check(target: str, channel: Callable[[], grpc.aio.Channel] | Non
     return healthy
 
 
+#: ports free_port handed out in this process: the kernel may offer a released port again
+#: at once, and two servers of one test or benchmark must never be given the same one
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A loopback port free right now (tests and benchmarks)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free right now and not handed out before in this process (tests, benchmarks)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def free_port_run(n: int) -> int:
     """The first of n consecutive free loopback ports (Ports.admin is such a run)."""
     for _ in range(100):
         first = free_port()
+        run = range(first, first + n)
+        if _handed_out.intersection(run[1:]):
+            continue
         socks: list[socket.socket] = []
         try:
-            for port in range(first, first + n):
+            for port in run:
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", port))
-            return first
         except OSError:
             continue
         finally:
             for s in socks:
                 s.close()
+        _handed_out.update(run)
+        return first
     raise RuntimeError(f"no {n} consecutive free ports")
 
 
@@ -345,7 +358,9 @@ class Mesh:
                 target,
                 **env,
                 SERVEMESH_REGISTRY_METRICS_PORT=str(p.registry_metrics),
-                SERVEMESH_REGISTRY_DATA_DIR=str(self.home / "registry"),
+                # deployments name their sidecars in the mesh and the services without it:
+                # each mode keeps its own registry, so switching never leaves stale endpoints
+                SERVEMESH_REGISTRY_DATA_DIR=str(self.home / ("registry" if self.mesh else "registry-no-mesh")),
                 SERVEMESH_REGISTRY_TRUST_FORWARDED_IDENTITY=str(self.mesh).lower(),
             )
         )

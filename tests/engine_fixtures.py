@@ -4,7 +4,6 @@ free port, plus in-process inference and gateway servers in front of it."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from mesh.launcher import servemesh_home
+from mesh.launcher import free_port, servemesh_home
 from mesh.supervisor import Supervisor
 from mesh.vllm import VllmArgs, ensure_venv, health_check
 from services.common.server import GrpcServer
@@ -22,12 +21,6 @@ from services.gateway.settings import GatewaySettings
 from services.inference.core import InferenceCore
 from services.inference.server import create_inference_server
 from services.inference.settings import EngineConfig, InferenceSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

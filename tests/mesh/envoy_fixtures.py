@@ -18,12 +18,6 @@ from servemesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from mesh.certs import Identity, read_pair
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def peer_serial(port: int, client: Identity | None, ca_path: str, host: str = "127.0.0.1") -> int:
     """Serial of the certificate a TLS server presents in a fresh handshake (ALPN h2, optional client cert)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -59,11 +59,11 @@ from mesh.envoy.config import (
     write_sds_files,
 )
 from mesh.envoy.process import EnvoyError, EnvoyProcess, validate_bootstrap
+from mesh.launcher import free_port
 from tests.mesh.envoy_fixtures import (
     EchoApp,
     GatewayDouble,
     call_raw,
-    free_port,
     mtls_channel,
     peer_serial,
 )

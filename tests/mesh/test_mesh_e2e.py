@@ -31,17 +31,21 @@ from tests.engine_fixtures import free_port
 pytestmark = pytest.mark.timeout(600)
 
 
-@pytest.fixture(scope="module")
-async def mesh(tmp_path_factory: pytest.TempPathFactory, prepared_model) -> Mesh:
+def _small_mesh(home: Path, prepared_model, *, mesh: bool) -> Mesh:
+    """A mesh on free ports, every route class on the small engine (no vLLM in this module)."""
     model_dir, card = prepared_model
     ports = Ports(
         **{f.name: free_port() for f in dataclasses.fields(Ports) if f.name != "admin"}, admin=free_port_run(4)
     )
     engines = [{"id": "small", "kind": "small", "model": card.model_id, "model_dir": str(model_dir)}]
-    # every route class on the small engine (no vLLM in this module)
     classes = {"chat_short": {"engine": "small", "default_max_tokens": 64, "max_tokens_limit": 256}}
     gateway_env = {"SERVEMESH_GATEWAY_ROUTE_CLASSES": json.dumps(classes)}
-    m = Mesh(tmp_path_factory.mktemp("home"), ports, engines, lambda _msg: None, gateway_env=gateway_env)
+    return Mesh(home, ports, engines, lambda _msg: None, gateway_env=gateway_env, mesh=mesh)
+
+
+@pytest.fixture(scope="module")
+async def mesh(tmp_path_factory: pytest.TempPathFactory, prepared_model) -> Mesh:
+    m = _small_mesh(tmp_path_factory.mktemp("home"), prepared_model, mesh=True)
     try:
         await m.start()
         yield m
@@ -254,3 +258,24 @@ def test_services_are_reachable_only_through_their_sidecars(mesh: Mesh) -> None:
     for port in (mesh.ports.gateway, mesh.ports.inference, mesh.ports.registry):
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+async def test_no_mesh_runs_direct_and_keeps_its_own_registry(tmp_path_factory, prepared_model, mesh: Mesh) -> None:
+    """--no-mesh: plaintext on loopback, no Envoy; its registry is not the mesh's, so neither sees stale endpoints."""
+    home = mesh.home  # the same data directory as the mesh run
+    await mesh.stop()
+    direct = _small_mesh(home, prepared_model, mesh=False)
+    try:
+        await direct.start()
+        assert not direct.envoys
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{direct.ports.gateway}") as ch:
+            assert await _who(gpb_grpc.GatewayServiceStub(ch)) == "gateway-stable"
+        async with direct.channel("registry") as ch:
+            deps = await rpb_grpc.RegistryServiceStub(ch).ListDeployments(rpb.ListDeploymentsRequest())
+        endpoints = {d.name: d.endpoint for d in deps.deployments}
+        assert endpoints == {
+            "deployments/gateway-stable": f"127.0.0.1:{direct.ports.gateway}",
+            "deployments/inference-stable": f"127.0.0.1:{direct.ports.inference}",
+        }
+    finally:
+        await direct.stop()
