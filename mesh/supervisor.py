@@ -65,6 +65,7 @@ class Supervisor:
         """Start the child and wait until it is healthy (raise if it is not in time)."""
         await self._spawn()
         await self._wait_healthy()
+        self._healthy.set()
         self._watch = asyncio.create_task(self._watch_forever(), name=f"supervise-{self.name}")
 
     async def wait_healthy(self, timeout: float | None = None) -> None:
@@ -96,7 +97,6 @@ class Supervisor:
                     f"{self.name} exited with code {self._proc.returncode} while starting; see {self._log_path}"
                 )
             if await self._health():
-                self._healthy.set()
                 return
             await asyncio.sleep(0.5)
         raise TimeoutError(f"{self.name} was not healthy within {self._start_timeout:.0f} s; see {self._log_path}")
@@ -120,7 +120,8 @@ class Supervisor:
             try:
                 await self._spawn()
                 await self._wait_healthy()
-                self.restarts += 1
+                self.restarts += 1  # counted before anyone waiting for health wakes up
+                self._healthy.set()
                 log.info("%s is healthy again (restart %d)", self.name, self.restarts)
             except (RuntimeError, TimeoutError) as exc:
                 log.error("%s", exc)

@@ -3,6 +3,7 @@ success), the supervisor restarts vLLM, and requests succeed again."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -37,7 +38,13 @@ async def test_engine_killed_mid_stream_then_restarted(gateway_channel, vllm) ->
         await stub.Generate(pb.GenerateRequest(prompt="hi", params=pb.DecodingParams(max_tokens=4)), timeout=30)
     assert down.value.code() == grpc.StatusCode.UNAVAILABLE
 
-    await vllm.supervisor.wait_healthy(timeout=240)
+    # the supervisor may not have seen the exit yet (it still counts as healthy then): wait
+    # for the restart itself, then check it happened exactly once
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 240
+    while vllm.supervisor.restarts == restarts and loop.time() < deadline:
+        await asyncio.sleep(0.2)
+    await vllm.supervisor.wait_healthy(timeout=10)
     assert vllm.supervisor.restarts == restarts + 1
     reply = await stub.Generate(
         pb.GenerateRequest(prompt="Say hello.", params=pb.DecodingParams(max_tokens=8)), timeout=60
