@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -81,6 +82,22 @@ def stop_metrics_server(server: WSGIServer) -> None:
 TTFT_BUCKETS: tuple[float, ...] = (
     0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.2, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+
+class RedactionMetrics:
+    """PII replaced by placeholders, by type (a fixed set); never the values."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.redactions = Counter(
+            "servemesh_gateway_pii_redactions_total",
+            "Personal data and secrets replaced by placeholders before any engine, log or cache saw them.",
+            ["type"],
+            registry=registry,
+        )
+
+    def redacted(self, counts: Mapping[str, int]) -> None:
+        for kind, n in counts.items():
+            self.redactions.labels(kind).inc(n)
 
 
 class GenerationMetrics:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import abc
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from services.common import context
 from services.common.errors import FieldViolation
 from services.common.generation import Chunk, GenerationRequest, Message, Role, Sampling, prompt_text, validate_input
+from services.gateway.redaction import Redaction, Redactor
 from services.gateway.settings import RouteClassConfig
 
 
@@ -99,6 +100,24 @@ class ValidateInput(Policy):
         if request.prompt is not None:
             request.messages, request.prompt = (Message(Role.USER, request.prompt),), None
             request.from_prompt = True
+
+
+class Redact(Policy):
+    """Personal data and secrets in the conversation become typed placeholders ([EMAIL_1], ...)
+    before any engine, log or cache sees them; counts by type go to `record`."""
+
+    name = "redact"
+
+    def __init__(self, redactor: Redactor, record: Callable[[Mapping[str, int]], None]) -> None:
+        self._redactor = redactor
+        self._record = record
+
+    async def admit(self, request: GatewayRequest) -> None:
+        redaction = Redaction(self._redactor)
+        request.messages = tuple(Message(m.role, redaction(m.content)) for m in request.messages)
+        if redaction.counts:
+            request.notes["redacted"] = ",".join(f"{t.value}={n}" for t, n in sorted(redaction.counts.items()))
+            self._record({t.value: n for t, n in redaction.counts.items()})
 
 
 class RouteClassDefaults(Policy):
@@ -202,10 +221,16 @@ class Pipeline:
 
 
 def default_policies(
-    route_classes: Mapping[str, RouteClassConfig], default_class: str, recorder: GenerationRecorder
+    route_classes: Mapping[str, RouteClassConfig],
+    default_class: str,
+    recorder: GenerationRecorder,
+    redactor: Redactor | None = None,
+    record_redactions: Callable[[Mapping[str, int]], None] = lambda _counts: None,
 ) -> list[Policy]:
+    """The pipeline in order; `redactor` None turns PII redaction off."""
     return [
         ValidateInput(route_classes),
+        *([Redact(redactor, record_redactions)] if redactor is not None else []),
         RouteClassDefaults(route_classes, default_class),
         StaticRouting(route_classes),
         MeasureGeneration(recorder),

@@ -9,12 +9,13 @@ from prometheus_client import CollectorRegistry
 from servemesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.logging import configure_logging
-from services.common.metrics import GenerationMetrics, new_registry
+from services.common.metrics import GenerationMetrics, RedactionMetrics, new_registry
 from services.common.server import GrpcServer, Service, create_server
 from services.common.settings import SettingsError, load_settings, service_config_dir
 from services.common.tracing import configure_tracing
 from services.gateway.backend import InferenceBackend
 from services.gateway.core import Pipeline, default_policies
+from services.gateway.redaction import Redactor
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.version import ModelInfo, VersionInfo, build_commit
@@ -27,7 +28,14 @@ async def create_gateway_server(
 ) -> tuple[GrpcServer, InferenceBackend]:
     registry = registry if registry is not None else new_registry()
     backend = InferenceBackend(settings.inference_target, settings.default_timeout_s, settings.inference_authority)
-    policies = default_policies(settings.route_classes, settings.default_route_class, GenerationMetrics(registry))
+    red = settings.redaction
+    policies = default_policies(
+        settings.route_classes,
+        settings.default_route_class,
+        GenerationMetrics(registry),
+        Redactor(red.types, red.phone_regions) if red.enabled else None,
+        RedactionMetrics(registry).redacted,
+    )
     pipeline = Pipeline(policies, backend)
 
     async def models() -> list[ModelInfo]:

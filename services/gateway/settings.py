@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.common.generation import MAX_TOKENS_RANGE, REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE
 from services.common.settings import ServiceSettings
+from services.gateway.redaction import PiiType
 
 
 class DecodingDefaults(BaseModel):
@@ -54,6 +55,18 @@ def _default_classes() -> dict[str, RouteClassConfig]:
     }
 
 
+class RedactionConfig(BaseModel):
+    """PII redaction of every conversation before any engine, log or cache sees it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    #: what to redact (all by default)
+    types: tuple[PiiType, ...] = tuple(PiiType)
+    #: regions whose national phone formats count (numbers written with + always do)
+    phone_regions: tuple[str, ...] = ("US", "GB")
+
+
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SERVEMESH_GATEWAY_", env_nested_delimiter="__", extra="forbid")
     service_name: ClassVar[str] = "gateway"
@@ -71,6 +84,7 @@ class GatewaySettings(ServiceSettings):
     default_timeout_s: float = Field(300.0, gt=0, le=3600)
     route_classes: dict[str, RouteClassConfig] = Field(default_factory=_default_classes, min_length=1)
     default_route_class: str = "chat_short"
+    redaction: RedactionConfig = Field(default_factory=RedactionConfig)
     #: reported by GetVersion; "" = read from git at start-up
     build_commit: str = ""
 

@@ -8,7 +8,16 @@ import pytest
 
 from services.common.errors import InvalidArgument
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling, Usage
-from services.gateway.core import GatewayRequest, Pipeline, Policy, RouteClassDefaults, StaticRouting, ValidateInput
+from services.gateway.core import (
+    GatewayRequest,
+    Pipeline,
+    Policy,
+    RouteClassDefaults,
+    StaticRouting,
+    ValidateInput,
+    default_policies,
+)
+from services.gateway.redaction import Redactor
 from services.gateway.settings import DecodingDefaults, GatewaySettings, RouteClassConfig
 
 CLASSES = {
@@ -89,6 +98,7 @@ class _Backend:
 
     async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
         self.engine = request.engine
+        self.messages = request.messages
         try:
             for text in ("a", "b", "c"):
                 yield Chunk(text)
@@ -128,3 +138,37 @@ async def test_a_prompt_becomes_one_user_message_after_validation() -> None:
     req = _req(prompt="What is a mesh?")
     await ValidateInput(CLASSES).admit(req)
     assert (req.prompt, req.messages) == (None, (Message(Role.USER, "What is a mesh?"),))
+
+
+class _NoMetrics:
+    def first_token(self, route_class: str, engine: str, seconds: float) -> None:
+        pass
+
+    def finished(self, route_class: str, engine: str, prompt_tokens: int, completion_tokens: int) -> None:
+        pass
+
+
+async def test_the_engine_sees_placeholders_never_the_pii() -> None:
+    counted: list[dict[str, int]] = []
+    backend = _Backend()
+    policies = default_policies(CLASSES, "chat_short", _NoMetrics(), Redactor(), counted.append)
+    req = _req(
+        prompt=None,
+        messages=(
+            Message(Role.SYSTEM, "Support desk."),
+            Message(Role.USER, "I am jane@example.com, card 4111 1111 1111 1111, mail jane@example.com back"),
+        ),
+    )
+    out = [c.text async for c in Pipeline(policies, backend).stream(req)]
+    assert out[-1] == ""
+    sent = " ".join(m.content for m in backend.messages)
+    assert "jane@example.com" not in sent and "4111" not in sent
+    assert backend.messages[1].content == "I am [EMAIL_1], card [CARD_1], mail [EMAIL_1] back"
+    assert counted == [{"EMAIL": 2, "CARD": 1}] and req.notes["redacted"] == "CARD=1,EMAIL=2"
+
+
+async def test_redaction_can_be_turned_off() -> None:
+    backend = _Backend()
+    policies = default_policies(CLASSES, "chat_short", _NoMetrics(), None)
+    [c async for c in Pipeline(policies, backend).stream(_req(prompt="write to jane@example.com"))]
+    assert backend.messages[0].content == "write to jane@example.com"
