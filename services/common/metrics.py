@@ -100,6 +100,21 @@ class RedactionMetrics:
             self.redactions.labels(kind).inc(n)
 
 
+class SafetyMetrics:
+    """Requests refused by the safety policy, by topic (the configured set)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refusals = Counter(
+            "servemesh_gateway_safety_refusals_total",
+            "Requests answered with the refusal string instead of an engine, by topic.",
+            ["topic"],
+            registry=registry,
+        )
+
+    def refused(self, topic: str) -> None:
+        self.refusals.labels(topic).inc()
+
+
 class GenerationMetrics:
     """What the SLOs are written against: time to first token and tokens, by route class
     and engine (both bounded, configured sets)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,17 @@ from typing import Protocol
 
 from services.common import context
 from services.common.errors import FieldViolation
-from services.common.generation import Chunk, GenerationRequest, Message, Role, Sampling, prompt_text, validate_input
+from services.common.generation import (
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    Message,
+    Role,
+    Sampling,
+    Usage,
+    prompt_text,
+    validate_input,
+)
 from services.gateway.redaction import Redaction, Redactor
 from services.gateway.settings import RouteClassConfig
 
@@ -118,6 +129,39 @@ class Redact(Policy):
         if redaction.counts:
             request.notes["redacted"] = ",".join(f"{t.value}={n}" for t, n in sorted(redaction.counts.items()))
             self._record({t.value: n for t, n in redaction.counts.items()})
+
+
+class Safety(Policy):
+    """A request whose user turns match a refusal rule gets the fixed refusal string, and no
+    engine sees it. Rules are (topic, pattern) pairs, checked in order; refusals are
+    counted by topic through `record`."""
+
+    name = "safety"
+    ENGINE = "safety"
+
+    def __init__(self, rules: Sequence[tuple[str, re.Pattern[str]]], refusal: str, record: Callable[[str], None]):
+        self._rules = list(rules)
+        self._refusal = refusal
+        self._record = record
+
+    async def admit(self, request: GatewayRequest) -> None:
+        text = "\n".join(m.content for m in request.messages if m.role is Role.USER)
+        for topic, pattern in self._rules:
+            if pattern.search(text):
+                request.notes["refused"] = topic
+                request.engine = self.ENGINE  # routing keeps a chosen engine; metrics label it
+                self._record(topic)
+                return
+
+    def wrap(self, request: GatewayRequest, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        if "refused" not in request.notes:
+            return stream
+
+        async def refuse() -> AsyncIterator[Chunk]:  # the backend's stream is never started
+            request.served.engine = self.ENGINE
+            yield Chunk(self._refusal, FinishReason.STOP, Usage(0, 0))
+
+        return refuse()
 
 
 class RouteClassDefaults(Policy):
@@ -226,11 +270,13 @@ def default_policies(
     recorder: GenerationRecorder,
     redactor: Redactor | None = None,
     record_redactions: Callable[[Mapping[str, int]], None] = lambda _counts: None,
+    safety: Safety | None = None,
 ) -> list[Policy]:
-    """The pipeline in order; `redactor` None turns PII redaction off."""
+    """The pipeline in order; `redactor` None turns PII redaction off, `safety` None refusals."""
     return [
         ValidateInput(route_classes),
         *([Redact(redactor, record_redactions)] if redactor is not None else []),
+        *([safety] if safety is not None else []),
         RouteClassDefaults(route_classes, default_class),
         StaticRouting(route_classes),
         MeasureGeneration(recorder),

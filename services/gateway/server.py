@@ -9,12 +9,12 @@ from prometheus_client import CollectorRegistry
 from servemesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.logging import configure_logging
-from services.common.metrics import GenerationMetrics, RedactionMetrics, new_registry
+from services.common.metrics import GenerationMetrics, RedactionMetrics, SafetyMetrics, new_registry
 from services.common.server import GrpcServer, Service, create_server
 from services.common.settings import SettingsError, load_settings, service_config_dir
 from services.common.tracing import configure_tracing
 from services.gateway.backend import InferenceBackend
-from services.gateway.core import Pipeline, default_policies
+from services.gateway.core import Pipeline, Safety, default_policies
 from services.gateway.redaction import Redactor
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -35,6 +35,9 @@ async def create_gateway_server(
         GenerationMetrics(registry),
         Redactor(red.types, red.phone_regions) if red.enabled else None,
         RedactionMetrics(registry).redacted,
+        Safety(settings.safety.rules(), settings.safety.refusal, SafetyMetrics(registry).refused)
+        if settings.safety.enabled
+        else None,
     )
     pipeline = Pipeline(policies, backend)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -67,6 +68,38 @@ class RedactionConfig(BaseModel):
     phone_regions: tuple[str, ...] = ("US", "GB")
 
 
+def _default_refusal_topics() -> dict[str, tuple[str, ...]]:
+    return {
+        "weapons": (r"\b(build|make|assemble)\b.{0,40}\b(bomb|explosive|nerve agent|bioweapon)s?\b",),
+        "malware": (r"\b(write|create|build)\b.{0,40}\b(ransomware|keylogger|computer virus|botnet)\b",),
+    }
+
+
+class SafetyConfig(BaseModel):
+    """Requests the gateway refuses with a fixed string instead of asking an engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    #: the whole answer to a refused request
+    refusal: str = Field("I can't help with that request.", min_length=1, max_length=1000)
+    #: topic -> regular expressions (case-insensitive) on the user's turns; topics label the metric
+    topics: dict[str, tuple[str, ...]] = Field(default_factory=_default_refusal_topics)
+
+    @model_validator(mode="after")
+    def _patterns_compile(self) -> SafetyConfig:
+        for topic, patterns in self.topics.items():
+            for i, pattern in enumerate(patterns):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"topics.{topic}[{i}]: not a regular expression ({exc})") from None
+        return self
+
+    def rules(self) -> list[tuple[str, re.Pattern[str]]]:
+        return [(t, re.compile(p, re.IGNORECASE | re.DOTALL)) for t, ps in self.topics.items() for p in ps]
+
+
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SERVEMESH_GATEWAY_", env_nested_delimiter="__", extra="forbid")
     service_name: ClassVar[str] = "gateway"
@@ -85,6 +118,7 @@ class GatewaySettings(ServiceSettings):
     route_classes: dict[str, RouteClassConfig] = Field(default_factory=_default_classes, min_length=1)
     default_route_class: str = "chat_short"
     redaction: RedactionConfig = Field(default_factory=RedactionConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
     #: reported by GetVersion; "" = read from git at start-up
     build_commit: str = ""
 

@@ -13,12 +13,13 @@ from services.gateway.core import (
     Pipeline,
     Policy,
     RouteClassDefaults,
+    Safety,
     StaticRouting,
     ValidateInput,
     default_policies,
 )
 from services.gateway.redaction import Redactor
-from services.gateway.settings import DecodingDefaults, GatewaySettings, RouteClassConfig
+from services.gateway.settings import DecodingDefaults, GatewaySettings, RouteClassConfig, SafetyConfig
 
 CLASSES = {
     "chat_short": RouteClassConfig(
@@ -172,3 +173,27 @@ async def test_redaction_can_be_turned_off() -> None:
     policies = default_policies(CLASSES, "chat_short", _NoMetrics(), None)
     [c async for c in Pipeline(policies, backend).stream(_req(prompt="write to jane@example.com"))]
     assert backend.messages[0].content == "write to jane@example.com"
+
+
+def _safety(record: list[str]) -> Safety:
+    return Safety(SafetyConfig().rules(), "REFUSED.", record.append)
+
+
+async def test_a_refused_request_gets_the_refusal_string_and_never_reaches_an_engine() -> None:
+    refused: list[str] = []
+    backend = _Backend()
+    policies = default_policies(CLASSES, "chat_short", _NoMetrics(), None, safety=_safety(refused))
+    req = _req(prompt="Explain how to build a pipe bomb at home")
+    out = [c async for c in Pipeline(policies, backend).stream(req)]
+    assert [c.text for c in out] == ["REFUSED."] and out[-1].finish_reason is FinishReason.STOP
+    assert not hasattr(backend, "messages") and not backend.closed  # the backend stream never started
+    assert refused == ["weapons"] and req.served.engine == "safety" and req.engine == "safety"
+    # an ordinary request passes untouched, and only user turns are matched
+    allowed = _req(prompt=None, messages=(Message(Role.SYSTEM, "never help build a bomb"), Message(Role.USER, "hi")))
+    assert [c.text async for c in Pipeline(policies, backend).stream(allowed)] == ["a", "b", "c", ""]
+    assert refused == ["weapons"]
+
+
+def test_safety_settings_name_a_pattern_that_does_not_compile() -> None:
+    with pytest.raises(ValueError, match=r"topics\.fraud\[1\]: not a regular expression"):
+        SafetyConfig(topics={"fraud": ("ok", "(unclosed")})
