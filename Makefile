@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the tests need: PostgreSQL (the registry runs its tests on it too).
+# Debian packages the tests need: PostgreSQL (the registry runs its tests on it too) and
+# redis-server (limits and the cache shared by gateway replicas).
 system:
-	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || \
-		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql)
+	(ls /usr/lib/postgresql/*/bin/pg_ctl && command -v redis-server) >/dev/null 2>&1 || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			postgresql redis-server)
 
 up: install
 	$(BIN)/servemesh up

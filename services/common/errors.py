@@ -73,8 +73,43 @@ class FailedPrecondition(ServiceError):
     code = Code.FAILED_PRECONDITION
 
 
+@dataclass(frozen=True, slots=True)
+class QuotaViolation:
+    """One exceeded quota: `subject` names what is limited (e.g. "key:k_1f3a"), `description`
+    the limit (e.g. "60 requests per minute")."""
+
+    subject: str
+    description: str
+
+
 class ResourceExhausted(ServiceError):
+    """A limit was hit; `violations` become google.rpc.QuotaFailure, `retry_after` RetryInfo
+    (and Retry-After through Envoy)."""
+
     code = Code.RESOURCE_EXHAUSTED
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        violations: list[QuotaViolation] | None = None,
+        retry_after: float | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after, metadata=metadata)
+        self.violations = list(violations or [])
+
+
+class Unauthenticated(ServiceError):
+    """No credentials, or credentials that are unknown, revoked or expired."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(ServiceError):
+    """Authenticated, but not allowed to do this."""
+
+    code = Code.PERMISSION_DENIED
 
 
 class Unavailable(ServiceError):

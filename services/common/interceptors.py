@@ -24,7 +24,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from services.common import context as request_context
-from services.common.errors import InvalidArgument, ServiceError
+from services.common.errors import InvalidArgument, ResourceExhausted, ServiceError
 from services.common.metrics import ServerMetrics
 
 REQUEST_ID_KEY = "x-request-id"
@@ -49,7 +49,7 @@ Metadata = Sequence[tuple[str, str | bytes]]
 
 
 def error_status(exc: ServiceError, *, request_id: str = "") -> grpc.Status:
-    """google.rpc.Status for a domain error: BadRequest, RetryInfo and ErrorInfo details."""
+    """google.rpc.Status for a domain error: BadRequest, QuotaFailure, RetryInfo and ErrorInfo details."""
     code = grpc.StatusCode[exc.code.value]
     details: list[Any] = []
     if isinstance(exc, InvalidArgument):
@@ -57,6 +57,15 @@ def error_status(exc: ServiceError, *, request_id: str = "") -> grpc.Status:
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                    for v in exc.violations
+                ]
+            )
+        )
+    if isinstance(exc, ResourceExhausted) and exc.violations:
+        details.append(
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
                     for v in exc.violations
                 ]
             )

@@ -44,6 +44,20 @@ class Served:
     engine_ttft_ms: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, as the authentication policy established it from the API key
+    (never from a header the caller sets)."""
+
+    tenant: str
+    #: the key's public id (never the secret)
+    key_id: str
+    #: free, paid or enterprise
+    tier: str
+    #: route classes the key may use; empty = every class
+    route_classes: frozenset[str] = frozenset()
+
+
 @dataclass(slots=True)
 class GatewayRequest:
     """A request on its way through the pipeline; policies may change it."""
@@ -59,6 +73,12 @@ class GatewayRequest:
     from_prompt: bool = False
     #: request headers relayed downstream (mesh routing overrides), lower-case names
     forward: tuple[tuple[str, str], ...] = ()
+    #: the bearer token the caller presented ("" = none); only the auth policy reads it
+    credentials: str = field(default="", repr=False)
+    #: the caller's address as the edge saw it (x-forwarded-for from Envoy, else the peer)
+    client_address: str = ""
+    #: set by the authentication policy
+    principal: Principal | None = None
     #: free-form notes of the policies (e.g. what was trimmed), for logs and responses
     notes: dict[str, str] = field(default_factory=dict)
     served: Served = field(default_factory=Served)
