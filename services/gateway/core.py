@@ -69,6 +69,8 @@ class GatewayRequest:
     sampling: Sampling
     #: engine id chosen by routing; "" until a routing policy sets it
     engine: str = ""
+    #: engines to try, in order, when `engine` fails before its first token
+    fallbacks: tuple[str, ...] = ()
     #: the request came as `prompt`, now messages[0]: errors about it must name "prompt"
     from_prompt: bool = False
     #: request headers relayed downstream (mesh routing overrides), lower-case names
