@@ -97,7 +97,7 @@ def up(
 
     try:
         gateway = load_settings(GatewaySettings, config_dir=service_config_dir("gateway"))
-        largest = max(c.max_tokens_limit for c in gateway.route_classes.values())
+        largest = max(c.max_tokens_limit + (c.max_prompt_tokens or 0) for c in gateway.route_classes.values())
         args = VllmArgs(
             port=vllm_port, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, largest_budget_tokens=largest
         )

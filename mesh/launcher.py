@@ -29,6 +29,7 @@ from mesh.envoy.process import EnvoyProcess
 from mesh.state import MeshState
 from mesh.supervisor import Supervisor
 from mesh.vllm import VllmArgs, ensure_venv, health_check
+from mesh.xds.build import EDGE_HTTP_PREFIXES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +45,8 @@ class Ports:
     # the services themselves with --no-mesh (loopback, plaintext); in the mesh they
     # listen on Unix sockets in <home>/run/sockets, reachable only through their sidecars
     gateway: int = 50050
+    #: the gateway's OpenAI-compatible HTTP API with --no-mesh (in the mesh: through the edge)
+    gateway_http: int = 8080
     inference: int = 50051
     registry: int = 50052
     vllm: int = 8100
@@ -68,7 +71,13 @@ class Ports:
             (self.registry_metrics, "registry metrics"),
         ]
         if not mesh:  # in the mesh the services listen on Unix sockets
-            return [(self.gateway, "gateway"), (self.inference, "inference"), (self.registry, "registry"), *ports]
+            return [
+                (self.gateway, "gateway"),
+                (self.gateway_http, "gateway HTTP API"),
+                (self.inference, "inference"),
+                (self.registry, "registry"),
+                *ports,
+            ]
         return [
             *ports,
             (self.edge, "edge Envoy"),
@@ -231,6 +240,7 @@ class Mesh:
         inbound: int,
         admin: int,
         outbound: envoy.LocalAddress | None = None,
+        app_http: envoy.LocalAddress | None = None,
     ) -> None:
         assert self.policy is not None
         ident = certs.identity(self.certs_dir, service, self.namespace)
@@ -243,6 +253,8 @@ class Mesh:
             # only a sidecar that calls other services needs the control plane
             xds_address=("127.0.0.1", self.ports.control_plane) if outbound else None,
             policy=self.policy,
+            app_http=app_http,
+            http_prefixes=EDGE_HTTP_PREFIXES.get(service, ()),
         )
         self.envoys[deployment] = EnvoyProcess(f"{deployment}-sidecar", boot, self.run_dir / "envoy")
         await self._run(self.envoys[deployment])
@@ -288,17 +300,27 @@ class Mesh:
         if self.mesh:
             await self._sidecar(deployment, "inference", app, inbound, admin)
 
-    async def start_gateway(self, deployment: str, app_port: int, metrics_port: int, inbound: int, admin: int) -> None:
-        """A gateway deployment (and its sidecar); `app_port` is used with --no-mesh only."""
+    async def start_gateway(
+        self, deployment: str, app_port: int, metrics_port: int, inbound: int, admin: int, http_port: int = 0
+    ) -> None:
+        """A gateway deployment (and its sidecar); `app_port` and `http_port` (its OpenAI-compatible
+        API; 0 = a free port) are used with --no-mesh only."""
         target, env, app = self._app(deployment, app_port, "SERVEMESH_GATEWAY_")
         outbound = self.sockets / f"{deployment}.outbound.sock"
+        http_sock = self.sockets / f"{deployment}.http.sock"
         upstream = (
             {
                 "SERVEMESH_GATEWAY_INFERENCE_TARGET": f"unix:{outbound}",
                 "SERVEMESH_GATEWAY_INFERENCE_AUTHORITY": "inference",
+                "SERVEMESH_GATEWAY_HTTP_UNIX_SOCKET": str(http_sock),
+                # only its sidecar can reach the gateway's sockets; the edge appends the client
+                "SERVEMESH_GATEWAY_TRUST_FORWARDED_FOR": "true",
             }
             if self.mesh
-            else {"SERVEMESH_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{self.ports.inference}"}
+            else {
+                "SERVEMESH_GATEWAY_INFERENCE_TARGET": f"127.0.0.1:{self.ports.inference}",
+                "SERVEMESH_GATEWAY_HTTP_PORT": str(http_port or free_port()),
+            }
         )
         await self._run(
             self._service(
@@ -313,18 +335,24 @@ class Mesh:
             )
         )
         if self.mesh:
-            await self._sidecar(deployment, "gateway", app, inbound, admin, outbound)
+            await self._sidecar(deployment, "gateway", app, inbound, admin, outbound, app_http=http_sock)
         if self._state_written:
             self.state().write(self.home)
 
     def state(self) -> MeshState:
         p = self.ports
         if not self.mesh:
-            return MeshState(mesh=False, gateway=f"127.0.0.1:{p.gateway}", registry=f"127.0.0.1:{p.registry}")
+            return MeshState(
+                mesh=False,
+                gateway=f"127.0.0.1:{p.gateway}",
+                registry=f"127.0.0.1:{p.registry}",
+                openai=f"http://127.0.0.1:{p.gateway_http}/openai/v1",
+            )
         return MeshState(
             mesh=True,
             gateway=f"127.0.0.1:{p.edge}",
             registry=f"127.0.0.1:{p.registry_inbound}",
+            openai=f"https://127.0.0.1:{p.edge}/openai/v1",
             control_plane=f"127.0.0.1:{p.control_plane}",
             certs_dir=str(self.certs_dir),
             namespace=self.namespace,
@@ -413,7 +441,9 @@ class Mesh:
         await self.start_inference(
             "inference-stable", p.inference, p.inference_metrics, p.inference_inbound, p.admin + 2
         )
-        await self.start_gateway("gateway-stable", p.gateway, p.gateway_metrics, p.gateway_inbound, p.admin + 1)
+        await self.start_gateway(
+            "gateway-stable", p.gateway, p.gateway_metrics, p.gateway_inbound, p.admin + 1, p.gateway_http
+        )
         if self.mesh:
             ident = certs.identity(self.certs_dir, "edge", self.namespace)
             boot = envoy.edge_bootstrap(
@@ -452,12 +482,14 @@ def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
     if mesh_mode:
         lines += [
             f"  edge        https://127.0.0.1:{p.edge}  (TLS: gRPC and REST/JSON, CA {home / 'certs' / 'ca.crt'})",
+            f"  OpenAI API  https://127.0.0.1:{p.edge}/openai/v1  (through the edge; Bearer API key)",
             f"  registry    127.0.0.1:{p.registry_inbound}  (mTLS, internal; `servemesh route list`)",
             f"  control     127.0.0.1:{p.control_plane}  (xDS, mTLS; `servemesh mesh status`)",
         ]
     else:
         lines += [
             f"  gateway     127.0.0.1:{p.gateway}  (gRPC, plaintext: --no-mesh)",
+            f"  OpenAI API  http://127.0.0.1:{p.gateway_http}/openai/v1  (plaintext: --no-mesh)",
             f"  registry    127.0.0.1:{p.registry}  (gRPC, plaintext)",
         ]
     lines += [

@@ -25,6 +25,8 @@ class MeshState:
     gateway: str
     #: the registry: its sidecar's inbound listener (mTLS) in mesh mode
     registry: str
+    #: base URL of the gateway's OpenAI-compatible API (through the edge in mesh mode)
+    openai: str = ""
     #: the control plane (mTLS), mesh mode only
     control_plane: str = ""
     #: the local CA's directory, mesh mode only

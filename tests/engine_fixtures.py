@@ -41,6 +41,8 @@ class Mesh:
     gateway: GrpcServer
     gateway_registry: CollectorRegistry
     inference_registry: CollectorRegistry
+    #: base URL of the gateway's OpenAI-compatible HTTP API
+    gateway_http: str
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +81,14 @@ async def mesh(vllm: VllmProcess, prepared_model: tuple[Path, object]) -> AsyncI
         InferenceSettings(port=0, metrics_port=0, engines=[engine], health_interval_s=0.5), registry=iregistry
     )
     await inference.start()
-    gateway, backend = await create_gateway_server(
-        GatewaySettings(port=0, metrics_port=0, inference_target=inference.address), registry=gregistry
+    gateway, backend, http = await create_gateway_server(
+        GatewaySettings(port=0, metrics_port=0, http_port=0, inference_target=inference.address), registry=gregistry
     )
+    assert http is not None
     await gateway.start()
-    yield Mesh(inference, core, gateway, gregistry, iregistry)
+    await http.start()
+    yield Mesh(inference, core, gateway, gregistry, iregistry, http.address)
+    await http.stop()
     await gateway.stop(0)
     await backend.close()
     await inference.stop(0)

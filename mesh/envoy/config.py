@@ -10,6 +10,7 @@ certs dir reaches a running Envoy without a restart.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import ipaddress
 import json
@@ -489,6 +490,29 @@ def local_app_cluster(app: LocalAddress) -> Json:
     }
 
 
+def local_http_cluster(app: LocalAddress) -> Json:
+    """Cluster "local_http": the service's plain HTTP/1.1 API (the gateway's OpenAI-compatible one)."""
+    return {
+        "name": "local_http",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "local_http",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _local_address(app)}}]}],
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": 100_000,
+                    "max_pending_requests": 100_000,
+                    "max_requests": 100_000,
+                }
+            ]
+        },
+    }
+
+
 def xds_cluster(host: str, port: int, node_identity: Identity, control_plane_id: str = CONTROL_PLANE_SPIFFE_ID) -> Json:
     """Cluster "xds": the ADS server, HTTP/2 over mTLS, accepting only the control plane's SPIFFE id."""
     static = _is_ip(host)
@@ -537,12 +561,23 @@ def _hcm(
 
 
 def inbound_listener(
-    port: int, ident: Identity, service: str, policy: Policy, *, stream_idle_timeout_s: float = 900.0
+    port: int,
+    ident: Identity,
+    service: str,
+    policy: Policy,
+    *,
+    stream_idle_timeout_s: float = 900.0,
+    http_prefixes: Sequence[str] = (),
 ) -> Json:
     """Listener "inbound": mTLS from mesh peers, caller's SPIFFE id in x-forwarded-client-cert, RBAC, local app.
 
-    Routes to "local_app" carry no timeout; a caller's grpc-timeout still applies.
+    Paths under `http_prefixes` go to "local_http" (the app's HTTP API), the rest to
+    "local_app" (gRPC). Routes carry no timeout; a caller's grpc-timeout still applies.
     """
+    http_routes = [
+        {"name": f"local_http{p}", "match": {"prefix": p}, "route": {"cluster": "local_http", "timeout": "0s"}}
+        for p in http_prefixes
+    ]
     route_config = {
         "name": "inbound",
         "virtual_hosts": [
@@ -550,6 +585,7 @@ def inbound_listener(
                 "name": "local_app",
                 "domains": ["*"],
                 "routes": [
+                    *http_routes,
                     {
                         "name": "local_app",
                         "match": {"prefix": "/"},
@@ -558,7 +594,7 @@ def inbound_listener(
                             "timeout": "0s",
                             "max_stream_duration": {"grpc_timeout_header_max": "0s"},
                         },
-                    }
+                    },
                 ],
             }
         ],
@@ -713,6 +749,8 @@ class ServiceRoutes:
     service: str
     routes: Sequence[RouteSpec] = ()
     grpc_services: Sequence[str] = ()
+    #: path prefixes of the service's HTTP API the edge exposes too (e.g. "/openai/")
+    http_prefixes: Sequence[str] = ()
 
 
 # Retried on every route: failures where the upstream provably did not process the request.
@@ -846,6 +884,9 @@ def edge_route_configuration(name: str, services: Sequence[ServiceRoutes]) -> Js
         if not svc.grpc_services:
             raise ValueError(f"service {svc.service!r}: the edge needs its grpc_services")
         routes.extend(_service_routes(svc, [f"/{s}/" for s in svc.grpc_services]))
+        if svc.http_prefixes:  # HTTP paths: the same splits, no gRPC retries
+            plain = dataclasses.replace(svc, routes=[dataclasses.replace(r, idempotent_methods=()) for r in svc.routes])
+            routes.extend(_service_routes(plain, svc.http_prefixes))
     routes.append(
         {
             "name": "not-found",
@@ -916,6 +957,8 @@ def sidecar_bootstrap(
     app_port: LocalAddress,
     xds_address: tuple[str, int] | None,
     policy: Policy,
+    app_http: LocalAddress | None = None,
+    http_prefixes: Sequence[str] = (),
     static_clusters: Sequence[Json] = (),
     static_listeners: Sequence[Json] = (),
     stream_idle_timeout_s: float = 900.0,
@@ -924,14 +967,25 @@ def sidecar_bootstrap(
 ) -> Json:
     """Bootstrap of a service's sidecar: static "inbound" listener and "local_app" cluster, plus ADS.
 
+    `app_http` is the app's HTTP API, which gets the requests under `http_prefixes`.
+
     With `xds_address` None there is no ADS (everything else must come in `static_*`).
     Until ADS answers (or `initial_fetch_timeout_s` passes), Envoy is not ready.
     """
     listeners = [
-        inbound_listener(inbound_port, identity, node.service, policy, stream_idle_timeout_s=stream_idle_timeout_s),
+        inbound_listener(
+            inbound_port,
+            identity,
+            node.service,
+            policy,
+            stream_idle_timeout_s=stream_idle_timeout_s,
+            http_prefixes=http_prefixes if app_http is not None else (),
+        ),
         *static_listeners,
     ]
     clusters = [local_app_cluster(app_port), *static_clusters]
+    if app_http is not None:
+        clusters.append(local_http_cluster(app_http))
     return _bootstrap(
         node,
         identity,

@@ -29,6 +29,8 @@ IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
 }
 #: services the edge exposes, with their gRPC services
 EDGE_SERVICES = {"gateway": (gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,)}
+#: HTTP APIs the edge exposes besides gRPC (and its transcoding), per service
+EDGE_HTTP_PREFIXES = {"gateway": ("/openai/",)}
 EDGE = "edge"
 #: a route's upstream timeout when the registry sets none (the contract's "mesh default")
 DEFAULT_TIMEOUT_S = 300.0
@@ -59,7 +61,7 @@ def service_routes(state: registry_pb2.WatchRoutesResponse, service: str) -> env
         )
         for r in routes
     ]
-    return envoy.ServiceRoutes(service, specs, EDGE_SERVICES.get(service, ()))
+    return envoy.ServiceRoutes(service, specs, EDGE_SERVICES.get(service, ()), EDGE_HTTP_PREFIXES.get(service, ()))
 
 
 def _parse(resources: Iterable[dict], cls: type[Message]) -> list[Message]:

@@ -245,7 +245,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return handle
 
     def _begin(self, full_method: str, grpc_context: grpc.aio.ServicerContext) -> tuple[_Call, _Context]:
-        request_id = _incoming_request_id(grpc_context.invocation_metadata())
+        request_id = incoming_request_id(grpc_context.invocation_metadata())
         now = time.monotonic()  # read before time_remaining(): errs on the early side
         remaining = grpc_context.time_remaining()
         deadline = None if remaining is None else now + remaining
@@ -302,7 +302,7 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _incoming_request_id(metadata: Metadata | None) -> str:
+def incoming_request_id(metadata: Metadata | None) -> str:
     """The caller's x-request-id if it is a sane token, else a fresh uuid4 hex."""
     for key, value in metadata or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from servemesh.inference.v1 import inference_pb2 as ipb
@@ -10,7 +10,7 @@ from servemesh.inference.v1 import inference_pb2_grpc as ipb_grpc
 
 from services.common.client import error_from_rpc, insecure_channel
 from services.common.errors import Unavailable
-from services.common.generation import Chunk, FinishReason, Role, Usage
+from services.common.generation import Chunk, FinishReason, Message, Role, Usage
 from services.common.interceptors import ENGINE_TTFT_KEY, ROUTE_CLASS_KEY
 from services.gateway.core import GatewayRequest
 
@@ -36,6 +36,19 @@ class InferenceBackend:
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, _FIELDS) from None
         return list(resp.engines)
+
+    async def count_tokens(self, engine: str, messages: Sequence[Message]) -> int:
+        """Prompt tokens of a conversation on `engine`, chat template included."""
+        try:
+            resp = await self._stub.Tokenize(
+                ipb.TokenizeRequest(
+                    engine=engine, messages=[ipb.ChatMessage(role=_ROLES[m.role], content=m.content) for m in messages]
+                ),
+                timeout=10.0,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, _FIELDS) from None
+        return resp.token_count
 
     async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
         s = request.sampling

@@ -20,6 +20,7 @@ from typing import Protocol
 from services.common import context
 from services.common.errors import FieldViolation
 from services.common.generation import (
+    MAX_PROMPT_CHARS,
     Chunk,
     FinishReason,
     GenerationRequest,
@@ -30,6 +31,7 @@ from services.common.generation import (
     prompt_text,
     validate_input,
 )
+from services.gateway.budget import Passage, PromptBudget, Trimmed, compose
 from services.gateway.redaction import Redaction, Redactor
 from services.gateway.settings import RouteClassConfig
 
@@ -73,6 +75,12 @@ class GatewayRequest:
     fallbacks: tuple[str, ...] = ()
     #: the request came as `prompt`, now messages[0]: errors about it must name "prompt"
     from_prompt: bool = False
+    #: retrieved passages, best first; the budget policy folds them into `messages`
+    context: tuple[Passage, ...] = ()
+    #: trim an over-long prompt instead of refusing it
+    allow_trim: bool = False
+    #: what the budget policy trimmed, if anything
+    trimmed: Trimmed | None = None
     #: request headers relayed downstream (mesh routing overrides), lower-case names
     forward: tuple[tuple[str, str], ...] = ()
     #: the bearer token the caller presented ("" = none); only the auth policy reads it
@@ -128,11 +136,31 @@ class ValidateInput(Policy):
                     "route_class", f"{request.route_class!r} is not a route class; use one of {sorted(self._classes)}"
                 )
             )
+        unknown += _passage_violations(request.context)
         roles = [(m.role if isinstance(m.role, Role) else None, m.content) for m in request.messages]
         validate_input(request.prompt, roles, request.sampling, sampling_field="params", extra=unknown)
         if request.prompt is not None:
             request.messages, request.prompt = (Message(Role.USER, request.prompt),), None
             request.from_prompt = True
+
+
+MAX_PASSAGES = 64
+MAX_PASSAGE_ID_CHARS = 256
+MAX_PASSAGE_TITLE_CHARS = 512
+
+
+def _passage_violations(passages: Sequence[Passage]) -> list[FieldViolation]:
+    if len(passages) > MAX_PASSAGES:
+        return [FieldViolation("context", f"{len(passages)} passages; at most {MAX_PASSAGES}")]
+    bad = []
+    for i, p in enumerate(passages):
+        if not 1 <= len(p.id) <= MAX_PASSAGE_ID_CHARS:
+            bad.append(FieldViolation(f"context[{i}].id", f"must be 1 to {MAX_PASSAGE_ID_CHARS} characters"))
+        if not 1 <= len(p.text) <= MAX_PROMPT_CHARS:
+            bad.append(FieldViolation(f"context[{i}].text", f"must be 1 to {MAX_PROMPT_CHARS} characters"))
+        if len(p.title) > MAX_PASSAGE_TITLE_CHARS:
+            bad.append(FieldViolation(f"context[{i}].title", f"at most {MAX_PASSAGE_TITLE_CHARS} characters"))
+    return bad
 
 
 class Redact(Policy):
@@ -148,6 +176,9 @@ class Redact(Policy):
     async def admit(self, request: GatewayRequest) -> None:
         redaction = Redaction(self._redactor)
         request.messages = tuple(Message(m.role, redaction(m.content)) for m in request.messages)
+        request.context = tuple(
+            Passage(p.id, redaction(p.text), redaction(p.title) if p.title else "") for p in request.context
+        )
         if redaction.counts:
             request.notes["redacted"] = ",".join(f"{t.value}={n}" for t, n in sorted(redaction.counts.items()))
             self._record({t.value: n for t, n in redaction.counts.items()})
@@ -226,6 +257,33 @@ class StaticRouting(Policy):
             request.engine = self._classes[request.route_class].engine
 
 
+class Budget(Policy):
+    """The route class's prompt budget (see services.gateway.budget for the rule), then the
+    context passages folded into the conversation the engine gets. Needs the engine chosen."""
+
+    name = "budget"
+
+    def __init__(self, route_classes: Mapping[str, RouteClassConfig], budget: PromptBudget) -> None:
+        self._classes = route_classes
+        self._budget = budget
+
+    async def admit(self, request: GatewayRequest) -> None:
+        limit = self._classes[request.route_class].max_prompt_tokens
+        if limit is not None:
+            request.messages, request.context, request.trimmed = await self._budget.fit(
+                request.engine,
+                limit,
+                request.messages,
+                request.context,
+                request.allow_trim,
+                field="prompt" if request.from_prompt else "messages",
+            )
+        request.messages, request.context = compose(request.messages, request.context), ()
+        if request.trimmed is not None:
+            t = request.trimmed
+            request.notes["trimmed"] = f"messages={t.messages_removed},passages={len(t.passage_ids_removed)}"
+
+
 class GenerationRecorder(Protocol):
     def first_token(self, route_class: str, engine: str, seconds: float) -> None: ...
 
@@ -293,13 +351,20 @@ def default_policies(
     redactor: Redactor | None = None,
     record_redactions: Callable[[Mapping[str, int]], None] = lambda _counts: None,
     safety: Safety | None = None,
+    budget: PromptBudget | None = None,
 ) -> list[Policy]:
-    """The pipeline in order; `redactor` None turns PII redaction off, `safety` None refusals."""
+    """The pipeline in order; `redactor` None turns PII redaction off, `safety` None refusals,
+    `budget` None prompt budgets (context passages are still composed)."""
     return [
         ValidateInput(route_classes),
         *([Redact(redactor, record_redactions)] if redactor is not None else []),
         *([safety] if safety is not None else []),
         RouteClassDefaults(route_classes, default_class),
         StaticRouting(route_classes),
+        Budget(route_classes, budget or PromptBudget(_uncounted)),
         MeasureGeneration(recorder),
     ]
+
+
+async def _uncounted(engine: str, messages: Sequence[Message]) -> int:
+    return 0

@@ -14,7 +14,9 @@ from services.common.server import GrpcServer, Service, create_server
 from services.common.settings import SettingsError, load_settings, service_config_dir
 from services.common.tracing import configure_tracing
 from services.gateway.backend import InferenceBackend
+from services.gateway.budget import PromptBudget
 from services.gateway.core import Pipeline, Safety, default_policies
+from services.gateway.openai_api import HttpApiServer, OpenAIApi
 from services.gateway.redaction import Redactor
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -25,7 +27,9 @@ SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_na
 
 async def create_gateway_server(
     settings: GatewaySettings, registry: CollectorRegistry | None = None
-) -> tuple[GrpcServer, InferenceBackend]:
+) -> tuple[GrpcServer, InferenceBackend, HttpApiServer | None]:
+    """The gRPC server, its backend, and the OpenAI-compatible HTTP API when configured
+    (start it after the gRPC server; stop it first)."""
     registry = registry if registry is not None else new_registry()
     backend = InferenceBackend(settings.inference_target, settings.default_timeout_s, settings.inference_authority)
     red = settings.redaction
@@ -38,6 +42,7 @@ async def create_gateway_server(
         Safety(settings.safety.rules(), settings.safety.refusal, SafetyMetrics(registry).refused)
         if settings.safety.enabled
         else None,
+        PromptBudget(backend.count_tokens),
     )
     pipeline = Pipeline(policies, backend)
 
@@ -46,21 +51,33 @@ async def create_gateway_server(
 
     version = VersionInfo(build_commit(settings.build_commit), settings.environment, models)
     servicer = GatewayServicer(
-        pipeline, version, deployment=settings.deployment, forward_headers=settings.forward_headers
+        pipeline,
+        version,
+        deployment=settings.deployment,
+        forward_headers=settings.forward_headers,
+        trust_forwarded_for=settings.trust_forwarded_for,
     )
     service = Service(SERVICE_NAME, servicer, gateway_pb2_grpc.add_GatewayServiceServicer_to_server)
     server = await create_server(settings, [service], registry=registry)
-    return server, backend
+    http = None
+    if settings.http_port is not None or settings.http_unix_socket is not None:
+        api = OpenAIApi(pipeline, list(settings.route_classes), trust_forwarded_for=settings.trust_forwarded_for)
+        http = HttpApiServer(api, settings.host, settings.http_port, settings.http_unix_socket)
+    return server, backend, http
 
 
 async def _serve(settings: GatewaySettings) -> None:
     shutdown_tracing = configure_tracing("gateway", settings.otlp_endpoint)
-    server, backend = await create_gateway_server(settings)
+    server, backend, http = await create_gateway_server(settings)
     await server.start()
+    if http is not None:
+        await http.start()
     print(f"gateway listening on {server.address}", file=sys.stderr, flush=True)
     try:
         await server.serve_until_signal()
     finally:
+        if http is not None:
+            await http.stop()
         await backend.close()
         shutdown_tracing()
 

@@ -11,6 +11,7 @@ from servemesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common import context
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling
 from services.common.interceptors import ENGINE_TTFT_KEY
+from services.gateway.budget import Passage
 from services.gateway.core import GatewayRequest, Pipeline
 from services.gateway.version import VersionInfo
 
@@ -19,11 +20,19 @@ _FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FIN
 
 
 def _request(
-    req: pb.StreamGenerateRequest | pb.GenerateRequest, context_: grpc.aio.ServicerContext, forward: frozenset[str]
+    req: pb.StreamGenerateRequest | pb.GenerateRequest,
+    context_: grpc.aio.ServicerContext,
+    forward: frozenset[str],
+    trust_forwarded_for: bool,
 ) -> GatewayRequest:
     p = req.params
+    metadata = [(k, v) for k, v in context_.invocation_metadata() or () if isinstance(v, str)]
     return GatewayRequest(
-        forward=tuple((k, v) for k, v in context_.invocation_metadata() or () if k in forward and isinstance(v, str)),
+        forward=tuple((k, v) for k, v in metadata if k in forward),
+        credentials=bearer_token(metadata),
+        client_address=client_address(metadata, context_.peer(), trust_forwarded_for),
+        context=tuple(Passage(c.id, c.text, c.title) for c in req.context),
+        allow_trim=req.allow_trim,
         request_id=context.request_id(),
         route_class=req.route_class,
         prompt=req.prompt or None,
@@ -40,6 +49,38 @@ def _request(
     )
 
 
+def bearer_token(metadata: Iterable[tuple[str, str]]) -> str:
+    """The token of `authorization: Bearer <token>` ("" when absent or another scheme)."""
+    for key, value in metadata:
+        if key == "authorization":
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return ""
+
+
+def client_address(metadata: Iterable[tuple[str, str]], peer: str, trust_forwarded_for: bool) -> str:
+    """The caller's address: with a trusted edge in front, the last x-forwarded-for entry (the
+    one the edge Envoy appended; earlier ones are whatever the client sent), else the peer."""
+    if trust_forwarded_for:
+        for key, value in metadata:
+            if key == "x-forwarded-for" and value.strip():
+                return value.rsplit(",", 1)[-1].strip()
+    kind, _, rest = peer.partition(":")  # "ipv4:1.2.3.4:5678", "ipv6:[::1]:5678", "unix:..."
+    return rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else kind
+
+
+def _trimmed(req: GatewayRequest) -> pb.Trimmed | None:
+    t = req.trimmed
+    if t is None:
+        return None
+    return pb.Trimmed(
+        messages_removed=t.messages_removed,
+        passage_ids_removed=t.passage_ids_removed,
+        prompt_tokens_before=t.prompt_tokens_before,
+        prompt_tokens_after=t.prompt_tokens_after,
+    )
+
+
 def _usage(chunk: Chunk) -> pb.Usage:
     u = chunk.usage
     assert u is not None
@@ -53,17 +94,24 @@ def _relay_timing(context_: grpc.aio.ServicerContext, req: GatewayRequest) -> No
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def __init__(
-        self, pipeline: Pipeline, version: VersionInfo, *, deployment: str = "", forward_headers: Iterable[str] = ()
+        self,
+        pipeline: Pipeline,
+        version: VersionInfo,
+        *,
+        deployment: str = "",
+        forward_headers: Iterable[str] = (),
+        trust_forwarded_for: bool = False,
     ) -> None:
         self._pipeline = pipeline
         self._version = version
         self._deployment = deployment
         self._forward = frozenset(h.lower() for h in forward_headers)
+        self._trust_xff = trust_forwarded_for
 
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context_: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
-        req = _request(request, context_, self._forward)
+        req = _request(request, context_, self._forward, self._trust_xff)
         async for chunk in self._pipeline.stream(req):
             out = pb.StreamGenerateResponse(
                 text_delta=chunk.text,
@@ -71,15 +119,18 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 model=req.served.model,
                 request_id=req.request_id,
                 route_class=req.route_class,
+                cached=req.notes.get("cache") == "hit",
             )
             if chunk.finish_reason is not None:
                 out.finish_reason = _FINISH[chunk.finish_reason]
                 out.usage.CopyFrom(_usage(chunk))
+                if (trimmed := _trimmed(req)) is not None:
+                    out.trimmed.CopyFrom(trimmed)
             yield out
         _relay_timing(context_, req)
 
     async def Generate(self, request: pb.GenerateRequest, context_: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        req = _request(request, context_, self._forward)
+        req = _request(request, context_, self._forward, self._trust_xff)
         parts: list[str] = []
         last: Chunk | None = None
         async for last in self._pipeline.stream(req):
@@ -94,6 +145,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             model=req.served.model,
             request_id=req.request_id,
             route_class=req.route_class,
+            cached=req.notes.get("cache") == "hit",
+            trimmed=_trimmed(req),
         )
 
     async def GetVersion(

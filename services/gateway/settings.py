@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -35,6 +36,8 @@ class RouteClassConfig(BaseModel):
     default_max_tokens: int = Field(256, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
     #: a larger requested max_tokens is clamped to this
     max_tokens_limit: int = Field(512, ge=MAX_TOKENS_RANGE[0], le=MAX_TOKENS_RANGE[1])
+    #: prompt tokens (chat template and context passages included) a request may send; None = no limit
+    max_prompt_tokens: int | None = Field(None, ge=1, le=1_000_000)
     decoding: DecodingDefaults = Field(default_factory=DecodingDefaults)
 
     @model_validator(mode="after")
@@ -48,10 +51,18 @@ class RouteClassConfig(BaseModel):
 
 def _default_classes() -> dict[str, RouteClassConfig]:
     return {
-        "chat_short": RouteClassConfig(engine="vllm", default_max_tokens=128, max_tokens_limit=256),
-        "rag_long": RouteClassConfig(engine="vllm", default_max_tokens=256, max_tokens_limit=512),
+        "chat_short": RouteClassConfig(
+            engine="vllm", default_max_tokens=128, max_tokens_limit=256, max_prompt_tokens=1024
+        ),
+        "rag_long": RouteClassConfig(
+            engine="vllm", default_max_tokens=256, max_tokens_limit=512, max_prompt_tokens=1536
+        ),
         "code": RouteClassConfig(
-            engine="vllm", default_max_tokens=256, max_tokens_limit=512, decoding=DecodingDefaults(temperature=0.2)
+            engine="vllm",
+            default_max_tokens=256,
+            max_tokens_limit=512,
+            max_prompt_tokens=1536,
+            decoding=DecodingDefaults(temperature=0.2),
         ),
     }
 
@@ -111,6 +122,12 @@ class GatewaySettings(ServiceSettings):
     inference_authority: str = ""
     #: request headers relayed to inference, so mesh header overrides apply to the whole chain
     forward_headers: tuple[str, ...] = ("x-servemesh-canary",)
+    #: the OpenAI-compatible HTTP API: a TCP port (0 = any free one) or a Unix socket; neither = off
+    http_port: int | None = Field(None, ge=0, le=65535)
+    http_unix_socket: Path | None = None
+    #: take the caller's address from x-forwarded-for (set when only a trusted edge Envoy can reach
+    #: the gateway, as in the mesh); else the connection's peer address
+    trust_forwarded_for: bool = False
     #: this gateway's deployment id in the registry, reported by GetVersion ("" outside one)
     deployment: str = ""
     #: deadline given to a request whose caller set none, in seconds

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import openai
 import pytest
 from google.protobuf import field_mask_pb2
 from servemesh.gateway.v1 import gateway_pb2 as gpb
@@ -119,6 +120,21 @@ async def test_rest_through_the_edge(mesh: Mesh) -> None:
         assert "params.temperature" in bad.json()["message"]  # a JSON error body, not an empty one
 
         assert (await http.get("/v1/nothing-here")).status_code == 404
+
+
+async def test_openai_sdk_through_the_edge(mesh: Mesh) -> None:
+    http = httpx.AsyncClient(verify=ssl.create_default_context(cafile=_ca(mesh)), timeout=60)
+    client = openai.AsyncOpenAI(base_url=f"{_edge(mesh)}/openai/v1", api_key="unused", http_client=http, max_retries=0)
+    async with client:
+        ask = {"model": "chat_short", "messages": [{"role": "user", "content": "Say hi"}], "temperature": 0}
+        whole = await client.chat.completions.create(**ask, max_tokens=4)
+        assert whole.choices[0].finish_reason == "length" and whole.usage and whole.usage.completion_tokens == 4
+        stream = await client.chat.completions.create(**ask, max_tokens=4, stream=True)
+        deltas = [c.choices[0].delta.content or "" async for c in stream]
+        assert len(deltas) >= 2 and "".join(deltas) == whole.choices[0].message.content
+        assert [m.id async for m in client.models.list()] == ["chat_short"]
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(**ask | {"temperature": 9})
 
 
 async def test_typed_stub_through_the_edge(mesh: Mesh) -> None:

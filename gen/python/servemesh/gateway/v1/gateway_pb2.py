@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"servemesh/gateway/v1/gateway.proto\x12\x14servemesh.gateway.v1\x1a\x1cgoogle/api/annotations.proto\"D\n\x07Message\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.servemesh.gateway.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe2\x01\n\x0e\x44\x65\x63odingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xa3\x01\n\x15StreamGenerateRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.servemesh.gateway.v1.Message\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x06params\x18\x03 \x01(\x0b\x32$.servemesh.gateway.v1.DecodingParams\x12\x13\n\x0broute_class\x18\x04 \x01(\t\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xdb\x01\n\x16StreamGenerateResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".servemesh.gateway.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.servemesh.gateway.v1.Usage\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0broute_class\x18\x07 \x01(\t\"\x9d\x01\n\x0fGenerateRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.servemesh.gateway.v1.Message\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x06params\x18\x03 \x01(\x0b\x32$.servemesh.gateway.v1.DecodingParams\x12\x13\n\x0broute_class\x18\x04 \x01(\t\"\xcf\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".servemesh.gateway.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.servemesh.gateway.v1.Usage\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0broute_class\x18\x07 \x01(\t\"\x13\n\x11GetVersionRequest\"B\n\x0cModelVersion\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_sha256\x18\x03 \x01(\t\"\x98\x01\n\x12GetVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x62uild_commit\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x32\n\x06models\x18\x04 \x03(\x0b\x32\".servemesh.gateway.v1.ModelVersion\x12\x12\n\ndeployment\x18\x05 \x01(\t*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8a\x03\n\x0eGatewayService\x12\x8d\x01\n\x0eStreamGenerate\x12+.servemesh.gateway.v1.StreamGenerateRequest\x1a,.servemesh.gateway.v1.StreamGenerateResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x12r\n\x08Generate\x12%.servemesh.gateway.v1.GenerateRequest\x1a&.servemesh.gateway.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12t\n\nGetVersion\x12\'.servemesh.gateway.v1.GetVersionRequest\x1a(.servemesh.gateway.v1.GetVersionResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/versionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"servemesh/gateway/v1/gateway.proto\x12\x14servemesh.gateway.v1\x1a\x1cgoogle/api/annotations.proto\"D\n\x07Message\x12(\n\x04role\x18\x01 \x01(\x0e\x32\x1a.servemesh.gateway.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe2\x01\n\x0e\x44\x65\x63odingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"\xa1\x02\n\x15StreamGenerateRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.servemesh.gateway.v1.Message\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x06params\x18\x03 \x01(\x0b\x32$.servemesh.gateway.v1.DecodingParams\x12\x13\n\x0broute_class\x18\x04 \x01(\t\x12\x35\n\x07\x63ontext\x18\x05 \x03(\x0b\x32$.servemesh.gateway.v1.ContextPassage\x12\x12\n\nallow_trim\x18\x06 \x01(\x08\x12\x31\n\x05hints\x18\x07 \x01(\x0b\x32\".servemesh.gateway.v1.RoutingHints\"9\n\x0e\x43ontextPassage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\"\x9e\x01\n\x0cRoutingHints\x12\x18\n\x0buncertainty\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12.\n\x07quality\x18\x02 \x01(\x0e\x32\x1d.servemesh.gateway.v1.Quality\x12\x1e\n\x11latency_budget_ms\x18\x03 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_uncertaintyB\x14\n\x12_latency_budget_ms\"{\n\x07Trimmed\x12\x18\n\x10messages_removed\x18\x01 \x01(\x05\x12\x1b\n\x13passage_ids_removed\x18\x02 \x03(\t\x12\x1c\n\x14prompt_tokens_before\x18\x03 \x01(\x05\x12\x1b\n\x13prompt_tokens_after\x18\x04 \x01(\x05\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\x9b\x02\n\x16StreamGenerateResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".servemesh.gateway.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.servemesh.gateway.v1.Usage\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0broute_class\x18\x07 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\x12.\n\x07trimmed\x18\t \x01(\x0b\x32\x1d.servemesh.gateway.v1.Trimmed\"\x9b\x02\n\x0fGenerateRequest\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.servemesh.gateway.v1.Message\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x34\n\x06params\x18\x03 \x01(\x0b\x32$.servemesh.gateway.v1.DecodingParams\x12\x13\n\x0broute_class\x18\x04 \x01(\t\x12\x35\n\x07\x63ontext\x18\x05 \x03(\x0b\x32$.servemesh.gateway.v1.ContextPassage\x12\x12\n\nallow_trim\x18\x06 \x01(\x08\x12\x31\n\x05hints\x18\x07 \x01(\x0b\x32\".servemesh.gateway.v1.RoutingHints\"\x8f\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x39\n\rfinish_reason\x18\x02 \x01(\x0e\x32\".servemesh.gateway.v1.FinishReason\x12*\n\x05usage\x18\x03 \x01(\x0b\x32\x1b.servemesh.gateway.v1.Usage\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x13\n\x0broute_class\x18\x07 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x08 \x01(\x08\x12.\n\x07trimmed\x18\t \x01(\x0b\x32\x1d.servemesh.gateway.v1.Trimmed\"\x13\n\x11GetVersionRequest\"B\n\x0cModelVersion\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61rd_sha256\x18\x03 \x01(\t\"\x98\x01\n\x12GetVersionResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x14\n\x0c\x62uild_commit\x18\x02 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x03 \x01(\t\x12\x32\n\x06models\x18\x04 \x03(\x0b\x32\".servemesh.gateway.v1.ModelVersion\x12\x12\n\ndeployment\x18\x05 \x01(\t*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*J\n\x07Quality\x12\x17\n\x13QUALITY_UNSPECIFIED\x10\x00\x12\x14\n\x10QUALITY_STANDARD\x10\x01\x12\x10\n\x0cQUALITY_HIGH\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x32\x8a\x03\n\x0eGatewayService\x12\x8d\x01\n\x0eStreamGenerate\x12+.servemesh.gateway.v1.StreamGenerateRequest\x1a,.servemesh.gateway.v1.StreamGenerateResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x12r\n\x08Generate\x12%.servemesh.gateway.v1.GenerateRequest\x1a&.servemesh.gateway.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*\x12t\n\nGetVersion\x12\'.servemesh.gateway.v1.GetVersionRequest\x1a(.servemesh.gateway.v1.GetVersionResponse\"\x13\x82\xd3\xe4\x93\x02\r\x12\x0b/v1/versionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,30 +38,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAYSERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/generate:\001*'
   _globals['_GATEWAYSERVICE'].methods_by_name['GetVersion']._loaded_options = None
   _globals['_GATEWAYSERVICE'].methods_by_name['GetVersion']._serialized_options = b'\202\323\344\223\002\r\022\013/v1/version'
-  _globals['_ROLE']._serialized_start=1472
-  _globals['_ROLE']._serialized_end=1552
-  _globals['_FINISHREASON']._serialized_start=1554
-  _globals['_FINISHREASON']._serialized_end=1649
+  _globals['_ROLE']._serialized_start=2197
+  _globals['_ROLE']._serialized_end=2277
+  _globals['_QUALITY']._serialized_start=2279
+  _globals['_QUALITY']._serialized_end=2353
+  _globals['_FINISHREASON']._serialized_start=2355
+  _globals['_FINISHREASON']._serialized_end=2450
   _globals['_MESSAGE']._serialized_start=90
   _globals['_MESSAGE']._serialized_end=158
   _globals['_DECODINGPARAMS']._serialized_start=161
   _globals['_DECODINGPARAMS']._serialized_end=387
   _globals['_STREAMGENERATEREQUEST']._serialized_start=390
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=553
-  _globals['_USAGE']._serialized_start=555
-  _globals['_USAGE']._serialized_end=634
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=637
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=856
-  _globals['_GENERATEREQUEST']._serialized_start=859
-  _globals['_GENERATEREQUEST']._serialized_end=1016
-  _globals['_GENERATERESPONSE']._serialized_start=1019
-  _globals['_GENERATERESPONSE']._serialized_end=1226
-  _globals['_GETVERSIONREQUEST']._serialized_start=1228
-  _globals['_GETVERSIONREQUEST']._serialized_end=1247
-  _globals['_MODELVERSION']._serialized_start=1249
-  _globals['_MODELVERSION']._serialized_end=1315
-  _globals['_GETVERSIONRESPONSE']._serialized_start=1318
-  _globals['_GETVERSIONRESPONSE']._serialized_end=1470
-  _globals['_GATEWAYSERVICE']._serialized_start=1652
-  _globals['_GATEWAYSERVICE']._serialized_end=2046
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=679
+  _globals['_CONTEXTPASSAGE']._serialized_start=681
+  _globals['_CONTEXTPASSAGE']._serialized_end=738
+  _globals['_ROUTINGHINTS']._serialized_start=741
+  _globals['_ROUTINGHINTS']._serialized_end=899
+  _globals['_TRIMMED']._serialized_start=901
+  _globals['_TRIMMED']._serialized_end=1024
+  _globals['_USAGE']._serialized_start=1026
+  _globals['_USAGE']._serialized_end=1105
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=1108
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=1391
+  _globals['_GENERATEREQUEST']._serialized_start=1394
+  _globals['_GENERATEREQUEST']._serialized_end=1677
+  _globals['_GENERATERESPONSE']._serialized_start=1680
+  _globals['_GENERATERESPONSE']._serialized_end=1951
+  _globals['_GETVERSIONREQUEST']._serialized_start=1953
+  _globals['_GETVERSIONREQUEST']._serialized_end=1972
+  _globals['_MODELVERSION']._serialized_start=1974
+  _globals['_MODELVERSION']._serialized_end=2040
+  _globals['_GETVERSIONRESPONSE']._serialized_start=2043
+  _globals['_GETVERSIONRESPONSE']._serialized_end=2195
+  _globals['_GATEWAYSERVICE']._serialized_start=2453
+  _globals['_GATEWAYSERVICE']._serialized_end=2847
 # @@protoc_insertion_point(module_scope)

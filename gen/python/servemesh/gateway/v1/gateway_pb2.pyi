@@ -47,6 +47,32 @@ ROLE_ASSISTANT: Role.ValueType  # 3
 """The model."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _Quality:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QualityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Quality.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUALITY_UNSPECIFIED: _Quality.ValueType  # 0
+    """No preference."""
+    QUALITY_STANDARD: _Quality.ValueType  # 1
+    """Cheapest adequate engine."""
+    QUALITY_HIGH: _Quality.ValueType  # 2
+    """Best engine the caller's tier allows."""
+
+class Quality(_Quality, metaclass=_QualityEnumTypeWrapper):
+    """Quality a caller asks for; rules may send high-quality requests of
+    entitled tiers to the best engine.
+    """
+
+QUALITY_UNSPECIFIED: Quality.ValueType  # 0
+"""No preference."""
+QUALITY_STANDARD: Quality.ValueType  # 1
+"""Cheapest adequate engine."""
+QUALITY_HIGH: Quality.ValueType  # 2
+"""Best engine the caller's tier allows."""
+Global___Quality: _TypeAlias = Quality  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -178,6 +204,9 @@ class StreamGenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     ROUTE_CLASS_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    ALLOW_TRIM_FIELD_NUMBER: _builtins.int
+    HINTS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Optional. A single user prompt, 1 to 32768 characters, sent as one user
     message. Exactly one of `messages` and `prompt` must be set.
@@ -186,6 +215,12 @@ class StreamGenerateRequest(_message.Message):
     """Optional. Route-class hint, such as "chat_short", "rag_long" or "code"; it
     selects the engine and the budgets. Must be a configured class; empty
     selects the default class.
+    """
+    allow_trim: _builtins.bool
+    """Optional. When the prompt is over the route class's prompt budget, trim it
+    instead of failing with INVALID_ARGUMENT: the oldest conversation turns go
+    first, then the lowest-ranked context passages; system messages and the
+    last user message are never trimmed. The response reports what was trimmed.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
@@ -197,6 +232,17 @@ class StreamGenerateRequest(_message.Message):
     def params(self) -> Global___DecodingParams:
         """Optional. Decoding parameters."""
 
+    @_builtins.property
+    def context(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextPassage]:
+        """Optional. Retrieved passages the answer should draw on, at most 64, best
+        first (their order is their rank). The gateway places them before the
+        conversation as one system message, numbered [1], [2], ... in this order.
+        """
+
+    @_builtins.property
+    def hints(self) -> Global___RoutingHints:
+        """Optional. Hints for rule-based routing."""
+
     def __init__(
         self,
         *,
@@ -204,14 +250,129 @@ class StreamGenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         params: Global___DecodingParams | None = ...,
         route_class: _builtins.str = ...,
+        context: _abc.Iterable[Global___ContextPassage] | None = ...,
+        allow_trim: _builtins.bool = ...,
+        hints: Global___RoutingHints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hints", b"hints", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "params", b"params", "prompt", b"prompt", "route_class", b"route_class"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_trim", b"allow_trim", "context", b"context", "hints", b"hints", "messages", b"messages", "params", b"params", "prompt", b"prompt", "route_class", b"route_class"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamGenerateRequest: _TypeAlias = StreamGenerateRequest  # noqa: Y015
+
+@_typing.final
+class ContextPassage(_message.Message):
+    """A retrieved passage given to the model as context."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """Required. Caller's id of the passage, 1 to 256 characters; reported back
+    when the passage is trimmed.
+    """
+    text: _builtins.str
+    """Required. The passage text, 1 to 32768 characters."""
+    title: _builtins.str
+    """Optional. Title shown before the text, at most 512 characters."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        text: _builtins.str = ...,
+        title: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "text", b"text", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContextPassage: _TypeAlias = ContextPassage  # noqa: Y015
+
+@_typing.final
+class RoutingHints(_message.Message):
+    """What the caller knows about its request, for rule-based routing."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNCERTAINTY_FIELD_NUMBER: _builtins.int
+    QUALITY_FIELD_NUMBER: _builtins.int
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _builtins.int
+    uncertainty: _builtins.float
+    """Optional. The caller's estimate, in [0, 1], of how hard or uncertain the
+    request is; above the configured threshold (0.5) it goes to the primary
+    engine, else to the small one.
+    """
+    quality: Global___Quality.ValueType
+    """Optional. Quality asked for."""
+    latency_budget_ms: _builtins.int
+    """Optional. Milliseconds, in [1, 600000], the caller can wait for the first
+    token; under the configured bound the fastest healthy engine serves it.
+    """
+    def __init__(
+        self,
+        *,
+        uncertainty: _builtins.float | None = ...,
+        quality: Global___Quality.ValueType = ...,
+        latency_budget_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_ms", b"_latency_budget_ms", "_uncertainty", b"_uncertainty", "latency_budget_ms", b"latency_budget_ms", "uncertainty", b"uncertainty"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latency_budget_ms", b"_latency_budget_ms", "_uncertainty", b"_uncertainty", "latency_budget_ms", b"latency_budget_ms", "quality", b"quality", "uncertainty", b"uncertainty"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__latency_budget_ms: _TypeAlias = _typing.Literal["latency_budget_ms"]  # noqa: Y015
+    _WhichOneofArgType__latency_budget_ms: _TypeAlias = _typing.Literal["_latency_budget_ms", b"_latency_budget_ms"]  # noqa: Y015
+    _WhichOneofReturnType__uncertainty: _TypeAlias = _typing.Literal["uncertainty"]  # noqa: Y015
+    _WhichOneofArgType__uncertainty: _TypeAlias = _typing.Literal["_uncertainty", b"_uncertainty"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_budget_ms) -> _WhichOneofReturnType__latency_budget_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__uncertainty) -> _WhichOneofReturnType__uncertainty | None: ...
+
+Global___RoutingHints: _TypeAlias = RoutingHints  # noqa: Y015
+
+@_typing.final
+class Trimmed(_message.Message):
+    """What the gateway removed from an over-long prompt (allow_trim)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_REMOVED_FIELD_NUMBER: _builtins.int
+    PASSAGE_IDS_REMOVED_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_BEFORE_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_AFTER_FIELD_NUMBER: _builtins.int
+    messages_removed: _builtins.int
+    """Output only. Conversation messages removed, oldest first."""
+    prompt_tokens_before: _builtins.int
+    """Output only. Prompt tokens before trimming."""
+    prompt_tokens_after: _builtins.int
+    """Output only. Prompt tokens after trimming; at most the route class's
+    prompt budget.
+    """
+    @_builtins.property
+    def passage_ids_removed(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only. Ids of the context passages removed, lowest-ranked first."""
+
+    def __init__(
+        self,
+        *,
+        messages_removed: _builtins.int = ...,
+        passage_ids_removed: _abc.Iterable[_builtins.str] | None = ...,
+        prompt_tokens_before: _builtins.int = ...,
+        prompt_tokens_after: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages_removed", b"messages_removed", "passage_ids_removed", b"passage_ids_removed", "prompt_tokens_after", b"prompt_tokens_after", "prompt_tokens_before", b"prompt_tokens_before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Trimmed: _TypeAlias = Trimmed  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
@@ -256,6 +417,8 @@ class StreamGenerateResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ROUTE_CLASS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    TRIMMED_FIELD_NUMBER: _builtins.int
     text_delta: _builtins.str
     """Output only. Text generated since the previous message; may be empty in
     the last message.
@@ -272,9 +435,19 @@ class StreamGenerateResponse(_message.Message):
     """
     route_class: _builtins.str
     """Output only. Route class the request was served under."""
+    cached: _builtins.bool
+    """Output only. The answer came from the response cache (deterministic
+    requests only); set on every message.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Output only. Set on the last message only."""
+
+    @_builtins.property
+    def trimmed(self) -> Global___Trimmed:
+        """Output only. What was trimmed from the prompt; set on the last message,
+        when anything was.
+        """
 
     def __init__(
         self,
@@ -286,10 +459,12 @@ class StreamGenerateResponse(_message.Message):
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
         route_class: _builtins.str = ...,
+        cached: _builtins.bool = ...,
+        trimmed: Global___Trimmed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trimmed", b"trimmed", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "route_class", b"route_class", "text_delta", b"text_delta", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "engine", b"engine", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "route_class", b"route_class", "text_delta", b"text_delta", "trimmed", b"trimmed", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -305,10 +480,15 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     ROUTE_CLASS_FIELD_NUMBER: _builtins.int
+    CONTEXT_FIELD_NUMBER: _builtins.int
+    ALLOW_TRIM_FIELD_NUMBER: _builtins.int
+    HINTS_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """Optional. As StreamGenerateRequest.prompt."""
     route_class: _builtins.str
     """Optional. As StreamGenerateRequest.route_class."""
+    allow_trim: _builtins.bool
+    """Optional. As StreamGenerateRequest.allow_trim."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """Optional. As StreamGenerateRequest.messages."""
@@ -317,6 +497,14 @@ class GenerateRequest(_message.Message):
     def params(self) -> Global___DecodingParams:
         """Optional. Decoding parameters."""
 
+    @_builtins.property
+    def context(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContextPassage]:
+        """Optional. As StreamGenerateRequest.context."""
+
+    @_builtins.property
+    def hints(self) -> Global___RoutingHints:
+        """Optional. As StreamGenerateRequest.hints."""
+
     def __init__(
         self,
         *,
@@ -324,10 +512,13 @@ class GenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         params: Global___DecodingParams | None = ...,
         route_class: _builtins.str = ...,
+        context: _abc.Iterable[Global___ContextPassage] | None = ...,
+        allow_trim: _builtins.bool = ...,
+        hints: Global___RoutingHints | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hints", b"hints", "params", b"params"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "params", b"params", "prompt", b"prompt", "route_class", b"route_class"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_trim", b"allow_trim", "context", b"context", "hints", b"hints", "messages", b"messages", "params", b"params", "prompt", b"prompt", "route_class", b"route_class"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -346,6 +537,8 @@ class GenerateResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ROUTE_CLASS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    TRIMMED_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Output only. The generated text."""
     finish_reason: Global___FinishReason.ValueType
@@ -358,9 +551,15 @@ class GenerateResponse(_message.Message):
     """Output only. Id of the request."""
     route_class: _builtins.str
     """Output only. Route class the request was served under."""
+    cached: _builtins.bool
+    """Output only. The answer came from the response cache."""
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Output only. Token counts."""
+
+    @_builtins.property
+    def trimmed(self) -> Global___Trimmed:
+        """Output only. What was trimmed from the prompt, when anything was."""
 
     def __init__(
         self,
@@ -372,10 +571,12 @@ class GenerateResponse(_message.Message):
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
         route_class: _builtins.str = ...,
+        cached: _builtins.bool = ...,
+        trimmed: Global___Trimmed | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trimmed", b"trimmed", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "route_class", b"route_class", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "engine", b"engine", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "route_class", b"route_class", "text", b"text", "trimmed", b"trimmed", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

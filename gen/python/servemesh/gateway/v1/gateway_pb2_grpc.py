@@ -27,9 +27,10 @@ if _version_not_supported:
 
 class GatewayServiceStub:
     """GatewayService is servemesh's public API: every client request for
-    generation enters here, passes the gateway's policies (validation, routing;
-    later authentication, quotas, redaction, budgets, fallback and cache) and is
-    relayed to an engine. REST clients reach the same RPCs through the edge
+    generation enters here, passes the gateway's policies (authentication,
+    quotas, redaction, safety, budgets, routing with fallback, cache) and is
+    relayed to an engine. Callers authenticate with `authorization: Bearer <key>`
+    metadata (the HTTP header through Envoy); the key alone decides the tenant. REST clients reach the same RPCs through the edge
     Envoy's gRPC-JSON transcoding, following the google.api.http annotations.
     """
 
@@ -58,9 +59,10 @@ class GatewayServiceStub:
 
 class GatewayServiceServicer:
     """GatewayService is servemesh's public API: every client request for
-    generation enters here, passes the gateway's policies (validation, routing;
-    later authentication, quotas, redaction, budgets, fallback and cache) and is
-    relayed to an engine. REST clients reach the same RPCs through the edge
+    generation enters here, passes the gateway's policies (authentication,
+    quotas, redaction, safety, budgets, routing with fallback, cache) and is
+    relayed to an engine. Callers authenticate with `authorization: Bearer <key>`
+    metadata (the HTTP header through Envoy); the key alone decides the tenant. REST clients reach the same RPCs through the edge
     Envoy's gRPC-JSON transcoding, following the google.api.http annotations.
     """
 
@@ -115,9 +117,10 @@ def add_GatewayServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class GatewayService:
     """GatewayService is servemesh's public API: every client request for
-    generation enters here, passes the gateway's policies (validation, routing;
-    later authentication, quotas, redaction, budgets, fallback and cache) and is
-    relayed to an engine. REST clients reach the same RPCs through the edge
+    generation enters here, passes the gateway's policies (authentication,
+    quotas, redaction, safety, budgets, routing with fallback, cache) and is
+    relayed to an engine. Callers authenticate with `authorization: Bearer <key>`
+    metadata (the HTTP header through Envoy); the key alone decides the tenant. REST clients reach the same RPCs through the edge
     Envoy's gRPC-JSON transcoding, following the google.api.http annotations.
     """
 

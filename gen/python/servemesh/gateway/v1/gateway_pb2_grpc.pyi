@@ -28,9 +28,10 @@ GRPC_VERSION: str
 
 class GatewayServiceStub:
     """GatewayService is servemesh's public API: every client request for
-    generation enters here, passes the gateway's policies (validation, routing;
-    later authentication, quotas, redaction, budgets, fallback and cache) and is
-    relayed to an engine. REST clients reach the same RPCs through the edge
+    generation enters here, passes the gateway's policies (authentication,
+    quotas, redaction, safety, budgets, routing with fallback, cache) and is
+    relayed to an engine. Callers authenticate with `authorization: Bearer <key>`
+    metadata (the HTTP header through Envoy); the key alone decides the tenant. REST clients reach the same RPCs through the edge
     Envoy's gRPC-JSON transcoding, following the google.api.http annotations.
     """
 
@@ -52,9 +53,10 @@ class GatewayServiceStub:
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
     """GatewayService is servemesh's public API: every client request for
-    generation enters here, passes the gateway's policies (validation, routing;
-    later authentication, quotas, redaction, budgets, fallback and cache) and is
-    relayed to an engine. REST clients reach the same RPCs through the edge
+    generation enters here, passes the gateway's policies (authentication,
+    quotas, redaction, safety, budgets, routing with fallback, cache) and is
+    relayed to an engine. Callers authenticate with `authorization: Bearer <key>`
+    metadata (the HTTP header through Envoy); the key alone decides the tenant. REST clients reach the same RPCs through the edge
     Envoy's gRPC-JSON transcoding, following the google.api.http annotations.
     """
 
@@ -72,9 +74,10 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     """GatewayService is servemesh's public API: every client request for
-    generation enters here, passes the gateway's policies (validation, routing;
-    later authentication, quotas, redaction, budgets, fallback and cache) and is
-    relayed to an engine. REST clients reach the same RPCs through the edge
+    generation enters here, passes the gateway's policies (authentication,
+    quotas, redaction, safety, budgets, routing with fallback, cache) and is
+    relayed to an engine. Callers authenticate with `authorization: Bearer <key>`
+    metadata (the HTTP header through Envoy); the key alone decides the tenant. REST clients reach the same RPCs through the edge
     Envoy's gRPC-JSON transcoding, following the google.api.http annotations.
     """
 
