@@ -241,7 +241,6 @@ class RouteClassDefaults(Policy):
             stop=s.stop or d.stop,
             max_tokens=max_tokens,
         )
-        context.annotate(route_class=request.route_class)
 
 
 class StaticRouting(Policy):
@@ -321,11 +320,26 @@ class Pipeline:
         self._backend = backend
 
     async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
-        """Admit through every policy, then relay the backend's chunks through their wraps."""
-        for policy in self._policies:
-            await policy.admit(request)
+        """Admit through every policy, then relay the backend's chunks through their wraps.
+
+        The request's access-log line gets: tenant, route, engine, prompt_len (characters),
+        prompt_sha256, max_tokens, queue_ms (admission), exec_ms (dispatch to end),
+        tokens_generated, cache, ok; the server adds request_id, code and error."""
+        ok, generated = False, 0
+        try:
+            for policy in self._policies:
+                await policy.admit(request)
+        except BaseException:
+            _log_outcome(request, ok=False)
+            raise
+        prompt = prompt_text(request.prompt, request.messages)
+        dispatched = time.perf_counter()
         context.annotate(
-            engine=request.engine, prompt_sha256=context.prompt_hash(prompt_text(request.prompt, request.messages))
+            engine=request.engine,
+            prompt_len=len(prompt),
+            prompt_sha256=context.prompt_hash(prompt),
+            max_tokens=request.sampling.max_tokens,
+            queue_ms=round((dispatched - request.received_at) * 1000, 3),
         )
         layers = [self._backend.stream(request)]
         for policy in self._policies:
@@ -333,15 +347,32 @@ class Pipeline:
         try:
             async for chunk in layers[-1]:
                 if chunk.usage is not None:
-                    context.annotate(
-                        prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=chunk.usage.completion_tokens
-                    )
+                    generated = chunk.usage.completion_tokens
+                    context.annotate(prompt_tokens=chunk.usage.prompt_tokens, completion_tokens=generated)
+                    ok = chunk.finish_reason is not None
+                elif chunk.text:
+                    generated += 1
                 yield chunk
         finally:
             # Close every layer now, outermost first: a wrap that stops iterating does not
             # close the stream it wraps, and the backend's close is what aborts the engine.
-            for layer in reversed(layers):
-                await layer.aclose()  # type: ignore[attr-defined]
+            try:
+                for layer in reversed(layers):
+                    await layer.aclose()  # type: ignore[attr-defined]
+            finally:
+                context.annotate(exec_ms=round((time.perf_counter() - dispatched) * 1000, 3))
+                _log_outcome(request, ok=ok, tokens_generated=generated)
+
+
+def _log_outcome(request: GatewayRequest, *, ok: bool, tokens_generated: int = 0) -> None:
+    context.annotate(
+        tenant=request.principal.tenant if request.principal else "",
+        route=request.route_class,
+        engine=request.served.engine or request.engine,
+        tokens_generated=tokens_generated,
+        cache=request.notes.get("cache", "off"),
+        ok=ok,
+    )
 
 
 def default_policies(

@@ -112,6 +112,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self, request: pb.StreamGenerateRequest, context_: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamGenerateResponse]:
         req = _request(request, context_, self._forward, self._trust_xff)
+        context.annotate(stream=True)
         async for chunk in self._pipeline.stream(req):
             out = pb.StreamGenerateResponse(
                 text_delta=chunk.text,
@@ -131,6 +132,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context_: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         req = _request(request, context_, self._forward, self._trust_xff)
+        context.annotate(stream=False)
         parts: list[str] = []
         last: Chunk | None = None
         async for last in self._pipeline.stream(req):
