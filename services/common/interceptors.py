@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import re
 import time
 import uuid
@@ -33,6 +34,8 @@ REQUEST_ID_KEY = "x-request-id"
 ENGINE_TTFT_KEY = "x-servemesh-engine-ttft-ms"
 #: request metadata: the route class a call belongs to; the mesh picks the class's route by it
 ROUTE_CLASS_KEY = "x-servemesh-route-class"
+#: whole seconds a refused caller should wait (also in google.rpc.RetryInfo), for HTTP clients
+RETRY_AFTER_KEY = "retry-after"
 ERROR_DOMAIN = "servemesh.local"
 _REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -77,7 +80,19 @@ def error_status(exc: ServiceError, *, request_id: str = "") -> grpc.Status:
     metadata = {**exc.metadata, **({"request_id": request_id} if request_id else {})}
     details.append(error_details_pb2.ErrorInfo(reason=_reason(exc), domain=ERROR_DOMAIN, metadata=metadata))
     status = status_pb2.Status(code=code.value[0], message=exc.message, details=[_pack(d) for d in details])
-    return rpc_status.to_status(status)
+    rich = rpc_status.to_status(status)
+    if exc.retry_after is None:
+        return rich
+    # Also as plain metadata: Envoy's transcoder passes it on as the HTTP Retry-After header.
+    retry = (RETRY_AFTER_KEY, str(max(1, math.ceil(exc.retry_after))))
+    return _Status(rich.code, rich.details, (*rich.trailing_metadata, retry))
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
 
 
 def _pack(message: Any) -> any_pb2.Any:

@@ -17,7 +17,7 @@ from google.protobuf import wrappers_pb2
 
 from services.common import context
 from services.common.client import insecure_channel
-from services.common.errors import FieldViolation, InvalidArgument, Unavailable
+from services.common.errors import FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted, Unavailable
 from services.common.server import Service
 
 SERVICE_NAME = "servemesh.test.v1.TestService"
@@ -48,6 +48,10 @@ class TestServicer:
             raise InvalidArgument(FieldViolation("prompt", "must not be empty"))
         if text == "unavailable":
             raise Unavailable("engine is warming up", retry_after=2)
+        if text == "exhausted":
+            raise ResourceExhausted(
+                "over the limit", violations=[QuotaViolation("key:k1", "60 requests per minute")], retry_after=0.2
+            )
         if text == "boom":
             raise RuntimeError("secret-detail-xyz")
         if text == "abort":

@@ -200,6 +200,19 @@ async def test_unavailable_has_retry_info(make_server, channel_to):
     assert err.value.details() == "engine is warming up"
     retry = detail(rpc_status.from_call(err.value), error_details_pb2.RetryInfo)
     assert retry.retry_delay.ToTimedelta().total_seconds() == 2
+    assert dict(err.value.trailing_metadata())["retry-after"] == "2"  # Envoy makes it Retry-After
+
+
+async def test_resource_exhausted_has_quota_failure_and_a_whole_second_retry_after(make_server, channel_to):
+    server, _ = await make_server()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await Stub(channel_to(server.address)).Echo(StringValue(value="exhausted"))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = rpc_status.from_call(err.value)
+    quota = detail(status, error_details_pb2.QuotaFailure)
+    assert [(v.subject, v.description) for v in quota.violations] == [("key:k1", "60 requests per minute")]
+    assert detail(status, error_details_pb2.RetryInfo).retry_delay.ToTimedelta().total_seconds() == 0.2
+    assert dict(err.value.trailing_metadata())["retry-after"] == "1"  # rounded up, never 0
 
 
 async def test_error_mid_stream_after_messages(make_server, channel_to):
