@@ -61,6 +61,8 @@ class GenerationRequest:
     prompt: str | None = None
     messages: tuple[Message, ...] = ()
     sampling: Sampling = field(default_factory=Sampling)
+    #: also compute the mean log-probability of the output (the last chunk's mean_logprob)
+    return_logprobs: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,9 @@ class Chunk:
     text: str
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    #: last chunk only, when logprobs were asked for: mean natural-log probability of the
+    #: generated tokens under the model's raw distribution; None when not asked or unknown
+    mean_logprob: float | None = None
 
 
 def validate_input(

@@ -50,7 +50,8 @@ class InferenceBackend:
             raise error_from_rpc(exc, _FIELDS) from None
         return resp.token_count
 
-    async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
+    async def stream(self, request: GatewayRequest, *, logprobs: bool = False) -> AsyncIterator[Chunk]:
+        """`logprobs`: ask the engine for the last chunk's mean_logprob (escalation reads it)."""
         s = request.sampling
         sampling = ipb.SamplingParams(
             temperature=s.temperature,
@@ -66,6 +67,7 @@ class InferenceBackend:
                 prompt=request.prompt or "",
                 messages=[ipb.ChatMessage(role=_ROLES[m.role], content=m.content) for m in request.messages],
                 sampling=sampling,
+                return_logprobs=logprobs,
             ),
             timeout=self._timeout,
             # The sidecar routes on these: the route class's route, header overrides.
@@ -81,7 +83,12 @@ class InferenceBackend:
                 else:
                     finished = True
                     u = msg.usage
-                    yield Chunk(msg.text_delta, _FINISH[msg.finish_reason], Usage(u.prompt_tokens, u.completion_tokens))
+                    yield Chunk(
+                        msg.text_delta,
+                        _FINISH[msg.finish_reason],
+                        Usage(u.prompt_tokens, u.completion_tokens),
+                        mean_logprob=msg.mean_logprob if msg.HasField("mean_logprob") else None,
+                    )
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc, _FIELDS_FROM_PROMPT if request.from_prompt else _FIELDS) from None
         finally:

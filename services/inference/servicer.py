@@ -51,6 +51,7 @@ def _request(req: pb.StreamGenerateRequest | pb.GenerateRequest) -> GenerationRe
         prompt=req.prompt or None,
         messages=messages_from_pb(req.messages),
         sampling=sampling_from_pb(req.sampling),
+        return_logprobs=req.return_logprobs,
     )
 
 
@@ -110,6 +111,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             engine=ENGINE_PREFIX + engine.id,
             model=engine.model,
             request_id=context.request_id(),
+            mean_logprob=last.mean_logprob,
         )
 
     async def Tokenize(self, request: pb.TokenizeRequest, context_: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
@@ -157,4 +159,6 @@ def _chunk_pb(engine: Engine, chunk: Chunk, request_id: str) -> pb.StreamGenerat
     if chunk.finish_reason is not None:
         out.finish_reason = _FINISH[chunk.finish_reason]
         out.usage.CopyFrom(_usage_pb(chunk))
+        if chunk.mean_logprob is not None:
+            out.mean_logprob = chunk.mean_logprob
     return out

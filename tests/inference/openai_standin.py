@@ -25,8 +25,11 @@ class StandIn:
         finish: str | None = "length",
         status: int = 200,
         error_body: str = "",
+        logprobs: list[float] | None = None,
     ) -> None:
         self.tokens = tokens
+        # one per token, sent in OpenAI's format when a request asks for logprobs (default -0.5 each)
+        self.logprobs = logprobs if logprobs is not None else [-0.5] * len(tokens)
         self.delay_s = delay_s
         self.finish = finish  # None: end the stream without a finish reason (a broken server)
         self.status = status
@@ -80,6 +83,8 @@ class StandIn:
                     self._send(standin.status, standin.error_body.encode(), "application/json")
                     return
                 chat = self.path == "/v1/chat/completions"
+                # chat asks with logprobs: true, completions with logprobs: <top count> (0 = sampled only)
+                want_logprobs = body.get("logprobs") is not None and body.get("logprobs") is not False
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
@@ -88,6 +93,18 @@ class StandIn:
                         last = i == len(standin.tokens) - 1
                         choice: dict[str, Any] = {"index": 0, "finish_reason": standin.finish if last else None}
                         choice |= {"delta": {"content": tok}} if chat else {"text": tok}
+                        if want_logprobs:
+                            lp = standin.logprobs[i]
+                            if chat:
+                                entry = {"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": []}
+                                choice["logprobs"] = {"content": [entry]}
+                            else:
+                                choice["logprobs"] = {
+                                    "tokens": [tok],
+                                    "token_logprobs": [lp],
+                                    "top_logprobs": [None],
+                                    "text_offset": [0],
+                                }
                         self._event({"choices": [choice]})
                         time.sleep(standin.delay_s)
                     if standin.finish is not None:

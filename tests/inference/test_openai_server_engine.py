@@ -11,7 +11,7 @@ import pytest
 
 from services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.inference.engines.base import FinishReason, GenerationRequest, Message, Role, Sampling
-from services.inference.engines.openai_server import TRTLLM, VLLM, OpenAIServerEngine, _HistogramWindow
+from services.inference.engines.openai_server import TRTLLM, VLLM, OpenAIServerEngine, _HistogramWindow, _LogprobMean
 
 from .openai_standin import StandIn
 
@@ -141,3 +141,35 @@ def test_ttft_median_from_histogram_deltas() -> None:
     assert window.update({0.1: 2, 0.5: 8, inf: 8}) == pytest.approx(0.3)
     # nothing new: the last value is kept
     assert window.update({0.1: 2, 0.5: 8, inf: 8}) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("profile", [VLLM, TRTLLM], ids=["vllm", "trtllm"])
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
+async def test_mean_logprob_of_the_sampled_tokens_on_the_last_chunk(prepared_model, profile, chat) -> None:
+    with StandIn(["a", "b", "c"], logprobs=[-0.25, -1.5, -0.05]) as srv:
+        engine = await _engine(srv.url, prepared_model[0], profile=profile)
+        where = {"messages": (Message(Role.USER, "hi"),)} if chat else {"prompt": "hi"}
+        asked = await _collect(engine, GenerationRequest("lp1", return_logprobs=True, **where))
+        plain = await _collect(engine, GenerationRequest("lp2", **where))
+        await engine.close()
+    assert "".join(c.text for c in asked) == "abc"
+    assert all(c.mean_logprob is None for c in asked[:-1])
+    assert asked[-1].mean_logprob == pytest.approx(-0.6)
+    assert plain[-1].mean_logprob is None, "logprobs were not asked for"
+    sent_asked, sent_plain = srv.requests
+    # vLLM's field names: chat takes logprobs: true (+ top_logprobs), completions logprobs: <top count>
+    if chat:
+        assert (sent_asked["logprobs"], sent_asked["top_logprobs"]) == (True, 0)
+    else:
+        assert sent_asked["logprobs"] == 0 and "top_logprobs" not in sent_asked
+    assert "logprobs" not in sent_plain and "top_logprobs" not in sent_plain
+
+
+def test_logprob_mean_skips_missing_and_non_finite_entries() -> None:
+    mean = _LogprobMean()
+    assert mean.mean() is None
+    mean.add(None)
+    mean.add({"content": [{"logprob": -1.0}, {"token": "x"}, None, {"logprob": float("-inf")}, {"logprob": -9999.0}]})
+    mean.add({"token_logprobs": [None, -3.0, float("nan")]})
+    mean.add({"content": None, "token_logprobs": [-2.0]})
+    assert mean.mean() == pytest.approx(-2.0)

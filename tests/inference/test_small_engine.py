@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -244,3 +245,37 @@ def test_stop_text_holds_back_partial_stop_strings() -> None:
     other = _StopText(_CharTokenizer(), ("END",))
     assert other.update([ord(c) for c in "xyE"]) == ("xy", False)
     assert other.flush() == "E", "a held-back prefix is output when generation ends another way"
+
+
+async def test_mean_logprob_is_the_raw_model_logprob_of_the_output(engine: SmallEngine) -> None:
+    """Asked for, the last chunk carries the mean log-probability of the generated tokens under
+    the model's raw distribution (before the repetition penalty), as HF's unprocessed logits give it."""
+    import torch
+
+    request = GenerationRequest(
+        "logprob",
+        messages=QUESTION,
+        sampling=Sampling(temperature=0, max_tokens=12, repetition_penalty=1.3),
+        return_logprobs=True,
+    )
+    chunks = [chunk async for chunk in engine.generate(request)]
+    mean = chunks[-1].mean_logprob
+    assert mean is not None and math.isfinite(mean) and mean < 0
+    assert all(c.mean_logprob is None for c in chunks[:-1])
+    ids = await engine.tokenize(None, QUESTION)
+    with torch.inference_mode():
+        out = engine._model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=12,
+            repetition_penalty=1.3,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    new_ids = out.sequences[0, len(ids) :].tolist()
+    assert _text(chunks) == engine._tokenizer.decode(new_ids, skip_special_tokens=True)
+    raw = [float(torch.log_softmax(step[0].float(), -1)[tok]) for step, tok in zip(out.logits, new_ids, strict=True)]
+    assert mean == pytest.approx(sum(raw) / len(raw), abs=1e-3)
+    plain = await _run(engine, "no-logprob", temperature=0, max_tokens=4)
+    assert plain[-1].mean_logprob is None, "not asked for"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,10 @@ class OpenAIServerEngine(Engine):
                 body[key] = value
         if s.stop:
             body["stop"] = list(s.stop)
+        if request.return_logprobs:
+            # Sampled tokens' log-probabilities only (no alternatives): chat takes a flag and a
+            # top count, the completions API the top count alone.
+            body |= {"logprobs": True, "top_logprobs": 0} if request.messages else {"logprobs": 0}
         return body
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
@@ -125,6 +130,7 @@ class OpenAIServerEngine(Engine):
         headers = {self._profile.request_id_header: request.request_id} if self._profile.request_id_header else {}
         finish: str | None = None
         usage: Usage | None = None
+        logprobs = _LogprobMean()
         try:
             async with self.client.stream("POST", path, json=self._body(request), headers=headers) as resp:
                 if resp.status_code != 200:
@@ -145,6 +151,8 @@ class OpenAIServerEngine(Engine):
                             text = (choice.get("delta") or {}).get("content") or ""
                         if choice.get("finish_reason"):
                             finish = choice["finish_reason"]
+                        if request.return_logprobs:
+                            logprobs.add(choice.get("logprobs"))
                         if text:
                             yield Chunk(text)
                     if event.get("usage"):
@@ -154,7 +162,12 @@ class OpenAIServerEngine(Engine):
             raise Unavailable(f"engine {self.id} at {self.endpoint} is unreachable: {exc!r}", retry_after=1.0) from exc
         if finish is None or usage is None:
             raise Unavailable(f"engine {self.id} ended the stream before finishing the request", retry_after=1.0)
-        yield Chunk("", finish_reason=_FINISH.get(finish, FinishReason.STOP), usage=usage)
+        yield Chunk(
+            "",
+            finish_reason=_FINISH.get(finish, FinishReason.STOP),
+            usage=usage,
+            mean_logprob=logprobs.mean() if request.return_logprobs else None,
+        )
 
     def _http_error(self, status: int, body: str, chat: bool) -> Exception:
         detail = _error_message(body)
@@ -261,6 +274,35 @@ def _error_message(body: str) -> str:
     if isinstance(err, dict):
         return str(err.get("message") or err)[:500]
     return str(err)[:500]
+
+
+_NO_LOGPROB = -9999.0
+
+
+class _LogprobMean:
+    """Mean of the sampled tokens' log-probabilities over a stream's `choices[].logprobs`:
+    `{"content": [{"logprob": ...}, ...]}` from chat completions, `{"token_logprobs": [...]}`
+    from completions. Entries that are missing, not finite, or vLLM's -9999.0 (its value for a
+    token whose log-probability it does not have, and its floor for -inf) are left out."""
+
+    def __init__(self) -> None:
+        self._sum = 0.0
+        self._count = 0
+
+    def add(self, logprobs: Any) -> None:
+        if not isinstance(logprobs, dict):
+            return
+        if logprobs.get("content") is not None:
+            values = [(entry or {}).get("logprob") for entry in logprobs["content"]]
+        else:
+            values = list(logprobs.get("token_logprobs") or ())
+        for value in values:
+            if isinstance(value, int | float) and math.isfinite(value) and value > _NO_LOGPROB:
+                self._sum += float(value)
+                self._count += 1
+
+    def mean(self) -> float | None:
+        return self._sum / self._count if self._count else None
 
 
 class _HistogramWindow:

@@ -82,6 +82,8 @@ class _Job:
     thread: threading.Thread | None = None
     first_token_at: float | None = None
     cached_tokens: int = 0
+    #: sum the raw log-probabilities of the generated tokens (for the last chunk's mean_logprob)
+    logprobs: bool = False
 
     def put(self, item: Chunk | BaseException) -> None:
         """Hand an item to the consumer (called from the decode thread)."""
@@ -292,6 +294,7 @@ class SmallEngine(Engine):
             queue=asyncio.Queue(),
             done=loop.create_future(),
             submitted=submitted,
+            logprobs=request.return_logprobs,
         )
 
     def _require_ready(self) -> None:
@@ -360,6 +363,7 @@ class SmallEngine(Engine):
         seen[prompt[0]] = True
         text = _StopText(self._tokenizer, p.stop)
         generated: list[int] = []
+        logprob_sum = 0.0
         delta, stopped = "", False
         with torch.inference_mode():
             past: Any = None
@@ -376,7 +380,12 @@ class SmallEngine(Engine):
                 past = out.past_key_values
             job.cached_tokens = len(job.prompt_ids)
             while True:
-                token = _sample(out.logits[0, -1].float(), seen, p, generator)
+                logits = out.logits[0, -1].float()
+                # The raw distribution, before _sample applies the penalty (in place) and temperature.
+                raw = torch.log_softmax(logits, dim=-1) if job.logprobs else None
+                token = _sample(logits, seen, p, generator)
+                if raw is not None:
+                    logprob_sum += float(raw[token])
                 if job.first_token_at is None:
                     job.first_token_at = time.monotonic()
                 generated.append(token)
@@ -400,7 +409,8 @@ class SmallEngine(Engine):
                 past = out.past_key_values
                 job.cached_tokens += 1
         tail = delta if stopped else text.flush()
-        job.put(Chunk(tail, finish_reason=finish, usage=Usage(len(job.prompt_ids), len(generated))))
+        mean = logprob_sum / len(generated) if job.logprobs and generated else None
+        job.put(Chunk(tail, finish_reason=finish, usage=Usage(len(job.prompt_ids), len(generated)), mean_logprob=mean))
 
 
 # ---------------------------------------------------------------- helpers

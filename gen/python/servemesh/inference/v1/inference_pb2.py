@@ -26,21 +26,21 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&servemesh/inference/v1/inference.proto\x12\x16servemesh.inference.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"J\n\x0b\x43hatMessage\x12*\n\x04role\x18\x01 \x01(\x0e\x32\x1c.servemesh.inference.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe2\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xa8\x01\n\x15StreamGenerateRequest\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\x08messages\x18\x03 \x03(\x0b\x32#.servemesh.inference.v1.ChatMessage\x12\x38\n\x08sampling\x18\x04 \x01(\x0b\x32&.servemesh.inference.v1.SamplingParams\"\xca\x01\n\x16StreamGenerateResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12;\n\rfinish_reason\x18\x02 \x01(\x0e\x32$.servemesh.inference.v1.FinishReason\x12,\n\x05usage\x18\x03 \x01(\x0b\x32\x1d.servemesh.inference.v1.Usage\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\xa2\x01\n\x0fGenerateRequest\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\x08messages\x18\x03 \x03(\x0b\x32#.servemesh.inference.v1.ChatMessage\x12\x38\n\x08sampling\x18\x04 \x01(\x0b\x32&.servemesh.inference.v1.SamplingParams\"\xbe\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12;\n\rfinish_reason\x18\x02 \x01(\x0e\x32$.servemesh.inference.v1.FinishReason\x12,\n\x05usage\x18\x03 \x01(\x0b\x32\x1d.servemesh.inference.v1.Usage\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"\x83\x01\n\x0fTokenizeRequest\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\x08messages\x18\x03 \x03(\x0b\x32#.servemesh.inference.v1.ChatMessage\x12\x19\n\x11include_token_ids\x18\x04 \x01(\x08\"Q\n\x10TokenizeResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"\x94\x03\n\x06\x45ngine\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".servemesh.inference.v1.EngineKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11model_card_sha256\x18\x04 \x01(\t\x12\x34\n\x06health\x18\x05 \x01(\x0e\x32$.servemesh.inference.v1.EngineHealth\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x05\x12\x18\n\x10running_requests\x18\x07 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x01\x12\x32\n\x0frecent_ttft_p50\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmax_model_len\x18\n \x01(\x05\x12\x10\n\x08\x65ndpoint\x18\x0b \x01(\t\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rhealth_detail\x18\r \x01(\t\";\n\x12ListEnginesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x13ListEnginesResponse\x12/\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x1e.servemesh.inference.v1.Engine\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10GetEngineRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x11GetEngineResponse\x12.\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1e.servemesh.inference.v1.Engine*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*n\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x01\x12\x16\n\x12\x45NGINE_KIND_TRTLLM\x10\x02\x12\x15\n\x11\x45NGINE_KIND_SMALL\x10\x03*g\n\x0c\x45ngineHealth\x12\x1d\n\x19\x45NGINE_HEALTH_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_HEALTH_SERVING\x10\x01\x12\x1d\n\x19\x45NGINE_HEALTH_NOT_SERVING\x10\x02\x32\x8d\x04\n\x10InferenceService\x12q\n\x0eStreamGenerate\x12-.servemesh.inference.v1.StreamGenerateRequest\x1a..servemesh.inference.v1.StreamGenerateResponse0\x01\x12]\n\x08Generate\x12\'.servemesh.inference.v1.GenerateRequest\x1a(.servemesh.inference.v1.GenerateResponse\x12]\n\x08Tokenize\x12\'.servemesh.inference.v1.TokenizeRequest\x1a(.servemesh.inference.v1.TokenizeResponse\x12\x66\n\x0bListEngines\x12*.servemesh.inference.v1.ListEnginesRequest\x1a+.servemesh.inference.v1.ListEnginesResponse\x12`\n\tGetEngine\x12(.servemesh.inference.v1.GetEngineRequest\x1a).servemesh.inference.v1.GetEngineResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&servemesh/inference/v1/inference.proto\x12\x16servemesh.inference.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"J\n\x0b\x43hatMessage\x12*\n\x04role\x18\x01 \x01(\x0e\x32\x1c.servemesh.inference.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe2\x01\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x15\n\x13_repetition_penalty\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xc1\x01\n\x15StreamGenerateRequest\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\x08messages\x18\x03 \x03(\x0b\x32#.servemesh.inference.v1.ChatMessage\x12\x38\n\x08sampling\x18\x04 \x01(\x0b\x32&.servemesh.inference.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x05 \x01(\x08\"\xf6\x01\n\x16StreamGenerateResponse\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12;\n\rfinish_reason\x18\x02 \x01(\x0e\x32$.servemesh.inference.v1.FinishReason\x12,\n\x05usage\x18\x03 \x01(\x0b\x32\x1d.servemesh.inference.v1.Usage\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x19\n\x0cmean_logprob\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_mean_logprob\"\xbb\x01\n\x0fGenerateRequest\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\x08messages\x18\x03 \x03(\x0b\x32#.servemesh.inference.v1.ChatMessage\x12\x38\n\x08sampling\x18\x04 \x01(\x0b\x32&.servemesh.inference.v1.SamplingParams\x12\x17\n\x0freturn_logprobs\x18\x05 \x01(\x08\"\xea\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12;\n\rfinish_reason\x18\x02 \x01(\x0e\x32$.servemesh.inference.v1.FinishReason\x12,\n\x05usage\x18\x03 \x01(\x0b\x32\x1d.servemesh.inference.v1.Usage\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x19\n\x0cmean_logprob\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_mean_logprob\"\x83\x01\n\x0fTokenizeRequest\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x35\n\x08messages\x18\x03 \x03(\x0b\x32#.servemesh.inference.v1.ChatMessage\x12\x19\n\x11include_token_ids\x18\x04 \x01(\x08\"Q\n\x10TokenizeResponse\x12\x13\n\x0btoken_count\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\"\x94\x03\n\x06\x45ngine\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x30\n\x04kind\x18\x02 \x01(\x0e\x32\".servemesh.inference.v1.EngineKind\x12\r\n\x05model\x18\x03 \x01(\t\x12\x19\n\x11model_card_sha256\x18\x04 \x01(\t\x12\x34\n\x06health\x18\x05 \x01(\x0e\x32$.servemesh.inference.v1.EngineHealth\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x05\x12\x18\n\x10running_requests\x18\x07 \x01(\x05\x12\x16\n\x0ekv_cache_usage\x18\x08 \x01(\x01\x12\x32\n\x0frecent_ttft_p50\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmax_model_len\x18\n \x01(\x05\x12\x10\n\x08\x65ndpoint\x18\x0b \x01(\t\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rhealth_detail\x18\r \x01(\t\";\n\x12ListEnginesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"_\n\x13ListEnginesResponse\x12/\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x1e.servemesh.inference.v1.Engine\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x10GetEngineRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"C\n\x11GetEngineResponse\x12.\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1e.servemesh.inference.v1.Engine*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*n\n\nEngineKind\x12\x1b\n\x17\x45NGINE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NGINE_KIND_VLLM\x10\x01\x12\x16\n\x12\x45NGINE_KIND_TRTLLM\x10\x02\x12\x15\n\x11\x45NGINE_KIND_SMALL\x10\x03*g\n\x0c\x45ngineHealth\x12\x1d\n\x19\x45NGINE_HEALTH_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NGINE_HEALTH_SERVING\x10\x01\x12\x1d\n\x19\x45NGINE_HEALTH_NOT_SERVING\x10\x02\x32\x8d\x04\n\x10InferenceService\x12q\n\x0eStreamGenerate\x12-.servemesh.inference.v1.StreamGenerateRequest\x1a..servemesh.inference.v1.StreamGenerateResponse0\x01\x12]\n\x08Generate\x12\'.servemesh.inference.v1.GenerateRequest\x1a(.servemesh.inference.v1.GenerateResponse\x12]\n\x08Tokenize\x12\'.servemesh.inference.v1.TokenizeRequest\x1a(.servemesh.inference.v1.TokenizeResponse\x12\x66\n\x0bListEngines\x12*.servemesh.inference.v1.ListEnginesRequest\x1a+.servemesh.inference.v1.ListEnginesResponse\x12`\n\tGetEngine\x12(.servemesh.inference.v1.GetEngineRequest\x1a).servemesh.inference.v1.GetEngineResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'servemesh.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=2136
-  _globals['_ROLE']._serialized_end=2216
-  _globals['_FINISHREASON']._serialized_start=2218
-  _globals['_FINISHREASON']._serialized_end=2313
-  _globals['_ENGINEKIND']._serialized_start=2315
-  _globals['_ENGINEKIND']._serialized_end=2425
-  _globals['_ENGINEHEALTH']._serialized_start=2427
-  _globals['_ENGINEHEALTH']._serialized_end=2530
+  _globals['_ROLE']._serialized_start=2274
+  _globals['_ROLE']._serialized_end=2354
+  _globals['_FINISHREASON']._serialized_start=2356
+  _globals['_FINISHREASON']._serialized_end=2451
+  _globals['_ENGINEKIND']._serialized_start=2453
+  _globals['_ENGINEKIND']._serialized_end=2563
+  _globals['_ENGINEHEALTH']._serialized_start=2565
+  _globals['_ENGINEHEALTH']._serialized_end=2668
   _globals['_CHATMESSAGE']._serialized_start=131
   _globals['_CHATMESSAGE']._serialized_end=205
   _globals['_SAMPLINGPARAMS']._serialized_start=208
@@ -48,27 +48,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=436
   _globals['_USAGE']._serialized_end=515
   _globals['_STREAMGENERATEREQUEST']._serialized_start=518
-  _globals['_STREAMGENERATEREQUEST']._serialized_end=686
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=689
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=891
-  _globals['_GENERATEREQUEST']._serialized_start=894
-  _globals['_GENERATEREQUEST']._serialized_end=1056
-  _globals['_GENERATERESPONSE']._serialized_start=1059
-  _globals['_GENERATERESPONSE']._serialized_end=1249
-  _globals['_TOKENIZEREQUEST']._serialized_start=1252
-  _globals['_TOKENIZEREQUEST']._serialized_end=1383
-  _globals['_TOKENIZERESPONSE']._serialized_start=1385
-  _globals['_TOKENIZERESPONSE']._serialized_end=1466
-  _globals['_ENGINE']._serialized_start=1469
-  _globals['_ENGINE']._serialized_end=1873
-  _globals['_LISTENGINESREQUEST']._serialized_start=1875
-  _globals['_LISTENGINESREQUEST']._serialized_end=1934
-  _globals['_LISTENGINESRESPONSE']._serialized_start=1936
-  _globals['_LISTENGINESRESPONSE']._serialized_end=2031
-  _globals['_GETENGINEREQUEST']._serialized_start=2033
-  _globals['_GETENGINEREQUEST']._serialized_end=2065
-  _globals['_GETENGINERESPONSE']._serialized_start=2067
-  _globals['_GETENGINERESPONSE']._serialized_end=2134
-  _globals['_INFERENCESERVICE']._serialized_start=2533
-  _globals['_INFERENCESERVICE']._serialized_end=3058
+  _globals['_STREAMGENERATEREQUEST']._serialized_end=711
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=714
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=960
+  _globals['_GENERATEREQUEST']._serialized_start=963
+  _globals['_GENERATEREQUEST']._serialized_end=1150
+  _globals['_GENERATERESPONSE']._serialized_start=1153
+  _globals['_GENERATERESPONSE']._serialized_end=1387
+  _globals['_TOKENIZEREQUEST']._serialized_start=1390
+  _globals['_TOKENIZEREQUEST']._serialized_end=1521
+  _globals['_TOKENIZERESPONSE']._serialized_start=1523
+  _globals['_TOKENIZERESPONSE']._serialized_end=1604
+  _globals['_ENGINE']._serialized_start=1607
+  _globals['_ENGINE']._serialized_end=2011
+  _globals['_LISTENGINESREQUEST']._serialized_start=2013
+  _globals['_LISTENGINESREQUEST']._serialized_end=2072
+  _globals['_LISTENGINESRESPONSE']._serialized_start=2074
+  _globals['_LISTENGINESRESPONSE']._serialized_end=2169
+  _globals['_GETENGINEREQUEST']._serialized_start=2171
+  _globals['_GETENGINEREQUEST']._serialized_end=2203
+  _globals['_GETENGINERESPONSE']._serialized_start=2205
+  _globals['_GETENGINERESPONSE']._serialized_end=2272
+  _globals['_INFERENCESERVICE']._serialized_start=2671
+  _globals['_INFERENCESERVICE']._serialized_end=3196
 # @@protoc_insertion_point(module_scope)

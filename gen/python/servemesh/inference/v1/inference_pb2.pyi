@@ -260,6 +260,7 @@ class StreamGenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    RETURN_LOGPROBS_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """Optional. Engine to run on, as `engines/{engine}` or the bare engine id
     (e.g. "vllm", "small"). Empty selects the service's default engine.
@@ -267,6 +268,11 @@ class StreamGenerateRequest(_message.Message):
     prompt: _builtins.str
     """Optional. Raw prompt text, at most 32768 characters, sent without a chat
     template. Exactly one of `prompt` and `messages` must be set.
+    """
+    return_logprobs: _builtins.bool
+    """Optional. Also report how likely the engine found its own output: the last
+    message then carries mean_logprob. Costs one log-softmax per generated
+    token in the engine. Default false.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
@@ -285,10 +291,11 @@ class StreamGenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         sampling: Global___SamplingParams | None = ...,
+        return_logprobs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "messages", b"messages", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "messages", b"messages", "prompt", b"prompt", "return_logprobs", b"return_logprobs", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -306,6 +313,7 @@ class StreamGenerateResponse(_message.Message):
     ENGINE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEAN_LOGPROB_FIELD_NUMBER: _builtins.int
     text_delta: _builtins.str
     """Output only. Text generated since the previous message; may be empty in
     the last message.
@@ -318,6 +326,13 @@ class StreamGenerateResponse(_message.Message):
     """Output only. Id of the model that served the request."""
     request_id: _builtins.str
     """Output only. Id of the request, as returned in the x-request-id metadata."""
+    mean_logprob: _builtins.float
+    """Output only. Set on the last message only, when return_logprobs was set:
+    the mean natural-log probability of the generated tokens under the model's
+    raw distribution (before temperature, top_p and repetition penalty), in
+    (-inf, 0]; closer to 0 means a more confident answer. Unset when the
+    engine generated no token or cannot report log-probabilities.
+    """
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Output only. Set on the last message only."""
@@ -331,12 +346,15 @@ class StreamGenerateResponse(_message.Message):
         engine: _builtins.str = ...,
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        mean_logprob: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mean_logprob", b"_mean_logprob", "mean_logprob", b"mean_logprob", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "text_delta", b"text_delta", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mean_logprob", b"_mean_logprob", "engine", b"engine", "finish_reason", b"finish_reason", "mean_logprob", b"mean_logprob", "model", b"model", "request_id", b"request_id", "text_delta", b"text_delta", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__mean_logprob: _TypeAlias = _typing.Literal["mean_logprob"]  # noqa: Y015
+    _WhichOneofArgType__mean_logprob: _TypeAlias = _typing.Literal["_mean_logprob", b"_mean_logprob"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mean_logprob) -> _WhichOneofReturnType__mean_logprob | None: ...
 
 Global___StreamGenerateResponse: _TypeAlias = StreamGenerateResponse  # noqa: Y015
 
@@ -350,10 +368,13 @@ class GenerateRequest(_message.Message):
     PROMPT_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     SAMPLING_FIELD_NUMBER: _builtins.int
+    RETURN_LOGPROBS_FIELD_NUMBER: _builtins.int
     engine: _builtins.str
     """Optional. As StreamGenerateRequest.engine."""
     prompt: _builtins.str
     """Optional. As StreamGenerateRequest.prompt."""
+    return_logprobs: _builtins.bool
+    """Optional. As StreamGenerateRequest.return_logprobs."""
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
         """Optional. As StreamGenerateRequest.messages."""
@@ -369,10 +390,11 @@ class GenerateRequest(_message.Message):
         prompt: _builtins.str = ...,
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         sampling: Global___SamplingParams | None = ...,
+        return_logprobs: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "messages", b"messages", "prompt", b"prompt", "sampling", b"sampling"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "messages", b"messages", "prompt", b"prompt", "return_logprobs", b"return_logprobs", "sampling", b"sampling"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -390,6 +412,7 @@ class GenerateResponse(_message.Message):
     ENGINE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    MEAN_LOGPROB_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Output only. The generated text."""
     finish_reason: Global___FinishReason.ValueType
@@ -400,6 +423,8 @@ class GenerateResponse(_message.Message):
     """Output only. Id of the model that served the request."""
     request_id: _builtins.str
     """Output only. Id of the request."""
+    mean_logprob: _builtins.float
+    """Output only. As StreamGenerateResponse.mean_logprob."""
     @_builtins.property
     def usage(self) -> Global___Usage:
         """Output only. Token counts."""
@@ -413,12 +438,15 @@ class GenerateResponse(_message.Message):
         engine: _builtins.str = ...,
         model: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        mean_logprob: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_mean_logprob", b"_mean_logprob", "mean_logprob", b"mean_logprob", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "finish_reason", b"finish_reason", "model", b"model", "request_id", b"request_id", "text", b"text", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_mean_logprob", b"_mean_logprob", "engine", b"engine", "finish_reason", b"finish_reason", "mean_logprob", b"mean_logprob", "model", b"model", "request_id", b"request_id", "text", b"text", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__mean_logprob: _TypeAlias = _typing.Literal["mean_logprob"]  # noqa: Y015
+    _WhichOneofArgType__mean_logprob: _TypeAlias = _typing.Literal["_mean_logprob", b"_mean_logprob"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mean_logprob) -> _WhichOneofReturnType__mean_logprob | None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
 
