@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh.cli_certs import certs_app
+from mesh.cli_keys import keys_app, tenants_app
 from mesh.cli_route import mesh_app, route_app
 from mesh.launcher import Ports, run_up, servemesh_home
 
@@ -24,6 +25,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(certs_app, name="certs")
 app.add_typer(route_app, name="route")
 app.add_typer(mesh_app, name="mesh")
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
 err = Console(stderr=True)
 
 Home = Annotated[

@@ -1,4 +1,5 @@
-"""The registry's logic: deployments, routes with etags and locks, the audit log, WatchRoutes.
+"""The registry's logic: deployments, routes with etags and locks, tenants and API keys,
+the audit log, WatchRoutes.
 
 Every change runs as one database transaction (store.Store.write) that takes the next
 registry revision, checks the request against the current state (etag, lock, references),
@@ -6,6 +7,10 @@ writes the resource and its audit entry, and commits; nothing is written when an
 fails. After the commit, followers of WatchRoutes are woken in-process (one registry
 process is the writer). The database calls are blocking SQLAlchemy calls and run on a
 small thread pool, so the event loop (and every open watch stream) never waits on them.
+
+Tenant and API key changes take a revision too (their audit entries are numbered by it)
+but do not wake WatchRoutes followers: the routing state did not change, and waking
+them would push an identical configuration to every Envoy.
 """
 
 from __future__ import annotations
@@ -20,43 +25,59 @@ import re
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from services.common.errors import FieldViolation, InvalidArgument
 from services.registry.errors import (
+    ApiKeyRevoked,
     DeploymentInUse,
     EtagMismatch,
+    InvalidApiKey,
     ResourceExists,
     ResourceNotFound,
     RouteLocked,
     ShuttingDown,
 )
+from services.registry.keys import SecretHasher, key_id_of, new_key_id, new_secret
 from services.registry.resources import (
+    ANY_TENANT,
+    API_KEYS,
     DEPLOYMENTS,
     ROUTES,
+    TENANTS,
     Action,
+    ApiKey,
     AuditEntry,
     Deployment,
     Encoder,
+    KeyState,
     Page,
+    Resource,
     Route,
     RoutingState,
+    Tenant,
+    api_key_name,
     etag_for,
     resource_id,
 )
 from services.registry.validation import (
     ROUTE_FIELDS,
     UPDATABLE_FIELDS,
+    api_key_name_violations,
     id_violations,
     name_violations,
+    parent_violations,
     raise_if,
     reference_violations,
     references,
     update_mask_violations,
+    validate_api_key,
     validate_deployment,
     validate_filter,
     validate_reason,
     validate_route_fields,
+    validate_tenant,
 )
 
 if TYPE_CHECKING:
@@ -197,6 +218,10 @@ class _Changes:
         self.revision = max(self.revision, revision)
         self._wake()
 
+    def advance(self, revision: int) -> None:
+        """Count a committed revision that followers need not hear of."""
+        self.revision = max(self.revision, revision)
+
     def close(self) -> None:
         self.closed = True
         self._wake()
@@ -215,11 +240,16 @@ class _Changes:
 
 
 class RegistryCore:
-    """Deployments, routes and the audit log on a Store; WatchRoutes for followers."""
+    """Deployments, routes, tenants, API keys and the audit log on a Store; WatchRoutes for followers.
 
-    def __init__(self, store: Store, encode: Encoder, *, db_threads: int = 4) -> None:
+    `hasher` turns API key secrets into what the store keeps (services.registry.keys)."""
+
+    def __init__(
+        self, store: Store, encode: Encoder, *, db_threads: int = 4, hasher: SecretHasher | None = None
+    ) -> None:
         self._store = store
         self._encode = encode
+        self._hasher = hasher or SecretHasher()
         self._executor = ThreadPoolExecutor(max_workers=db_threads, thread_name_prefix="registry-db")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changes = _Changes(0)
@@ -255,14 +285,16 @@ class RegistryCore:
     async def _read(self, query: Callable[[Tx], T]) -> T:
         return await self._in_thread(self._store.read, query)
 
-    async def _write(self, change: Callable[[Tx], T]) -> T:
+    async def _write(self, change: Callable[[Tx], T], *, routing: bool = True) -> T:
+        """Run `change` as the next revision; `routing` False: it does not change the routing
+        state, so followers are not woken (the revision is still counted)."""
         loop = self._loop
         assert loop is not None, "RegistryCore.start() first"
 
         def run() -> T:
             result, revision = self._store.write(change)
             # From the worker thread: followers hear of the commit even if the caller went away.
-            loop.call_soon_threadsafe(self._changes.publish, revision)
+            loop.call_soon_threadsafe(self._changes.publish if routing else self._changes.advance, revision)
             return result
 
         return await self._in_thread(run)
@@ -273,8 +305,8 @@ class RegistryCore:
         actor: str,
         action: Action,
         reason: str,
-        before: Deployment | Route | None,
-        after: Deployment | Route | None,
+        before: Resource | None,
+        after: Resource | None,
     ) -> None:
         resource = after or before
         assert resource is not None
@@ -437,6 +469,135 @@ class RegistryCore:
             self._audit(tx, actor, Action.DELETE, reason, current, None)
 
         await self._write(change)
+
+    # tenants -----------------------------------------------------------------------
+
+    async def create_tenant(self, tenant: Tenant, *, reason: str, actor: str) -> Tenant:
+        raise_if(validate_tenant(tenant) + validate_reason(reason))
+
+        def change(tx: Tx) -> Tenant:
+            if tx.get_tenant(resource_id(tenant.name, TENANTS)) is not None:
+                raise ResourceExists(tenant.name)
+            stored = replace(tenant, create_time=tx.now)
+            tx.insert_tenant(stored)
+            self._audit(tx, actor, Action.CREATE, reason, None, stored)
+            return stored
+
+        return await self._write(change, routing=False)
+
+    async def get_tenant(self, name: str) -> Tenant:
+        raise_if(name_violations(name, TENANTS))
+        found = await self._read(lambda tx: tx.get_tenant(resource_id(name, TENANTS)))
+        if found is None:
+            raise ResourceNotFound(name)
+        return found
+
+    async def list_tenants(self, *, page_size: int = 0, page_token: str = "") -> Page[Tenant]:
+        size = resolve_page_size(page_size)
+        query = ("tenants",)
+        after = decode_page_token(page_token, query, str)
+        rows = await self._read(lambda tx: tx.list_tenants(after=after, limit=size + 1))
+        return _page(rows, size, lambda t: resource_id(t.name, TENANTS), query)
+
+    # API keys ----------------------------------------------------------------------
+
+    async def create_api_key(
+        self, parent: str, key: ApiKey, *, ttl: timedelta | None = None, reason: str, actor: str
+    ) -> tuple[ApiKey, str]:
+        """Create a key of tenant `parent` from key's tier, route classes, display name and expire
+        time (or `ttl`); returns it and its secret, which is not kept (only its keyed hash is)."""
+        received = datetime.now(UTC)
+        raise_if(
+            parent_violations(parent, allow_any=False) + validate_api_key(key, ttl, received) + validate_reason(reason)
+        )
+        tenant_id = resource_id(parent, TENANTS)
+
+        def change(tx: Tx) -> tuple[ApiKey, str]:
+            if tx.get_tenant(tenant_id) is None:
+                raise ResourceNotFound(parent)
+            key_id = new_key_id()
+            while tx.get_api_key(key_id) is not None:  # 80 random bits: practically never
+                key_id = new_key_id()
+            secret = new_secret(key_id)
+            stored = replace(
+                key,
+                name=api_key_name(tenant_id, key_id),
+                expire_time=tx.now + ttl if ttl is not None else key.expire_time,
+                revoke_time=None,
+                create_time=tx.now,
+                state=KeyState.ACTIVE,
+            )
+            tx.insert_api_key(stored, self._hasher.hash(secret))
+            self._audit(tx, actor, Action.CREATE, reason, None, stored)
+            return stored, secret
+
+        return await self._write(change, routing=False)
+
+    @staticmethod
+    def _key_in(name: str, found: ApiKey | None) -> ApiKey:
+        """`found` if it is the key `name` names (its tenant, or any tenant for tenants/-)."""
+        tenant = name.removeprefix(TENANTS).partition(API_KEYS)[0]
+        if found is None or (tenant != ANY_TENANT and found.tenant != tenant):
+            raise ResourceNotFound(name)
+        return found
+
+    async def get_api_key(self, name: str) -> ApiKey:
+        raise_if(api_key_name_violations(name))
+        key_id = name.rpartition("/")[2]
+        return self._key_in(name, await self._read(lambda tx: tx.get_api_key(key_id)))
+
+    async def list_api_keys(self, parent: str, *, page_size: int = 0, page_token: str = "") -> Page[ApiKey]:
+        """Keys of tenant `parent` (tenants/- for every tenant), ordered by tenant, then key id."""
+        size = resolve_page_size(page_size)
+        raise_if(parent_violations(parent, allow_any=True))
+        tenant_id = resource_id(parent, TENANTS)
+        tenant_id = "" if tenant_id == ANY_TENANT else tenant_id
+        query = ("api_keys", tenant_id)
+        token = decode_page_token(page_token, query, str)
+        after = None
+        if token is not None:
+            t, _, k = token.partition("/")
+            after = (t, k)
+
+        def read(tx: Tx) -> list[ApiKey]:
+            if tenant_id and tx.get_tenant(tenant_id) is None:
+                raise ResourceNotFound(parent)
+            return tx.list_api_keys(tenant_id=tenant_id, after=after, limit=size + 1)
+
+        rows = await self._read(read)
+        return _page(rows, size, lambda k: f"{k.tenant}/{k.key_id}", query)
+
+    async def revoke_api_key(self, name: str, *, reason: str, actor: str) -> ApiKey:
+        """Revoke the key for good; ApiKeyRevoked if it is already."""
+        raise_if(api_key_name_violations(name) + validate_reason(reason))
+        key_id = name.rpartition("/")[2]
+
+        def change(tx: Tx) -> ApiKey:
+            current = self._key_in(name, tx.get_api_key(key_id, for_update=True))
+            if current.revoke_time is not None:
+                raise ApiKeyRevoked(current.name, current.revoke_time.isoformat())
+            if not tx.revoke_api_key(key_id, tx.now):
+                raise ApiKeyRevoked(current.name, "the same time")  # not reached while writers are serialized
+            stored = replace(current, revoke_time=tx.now, state=KeyState.REVOKED)
+            self._audit(tx, actor, Action.UPDATE, reason, current, stored)
+            return stored
+
+        return await self._write(change, routing=False)
+
+    async def verify_api_key(self, secret: str) -> ApiKey:
+        """The active key `secret` belongs to. InvalidApiKey, one answer for every reason (malformed,
+        unknown, wrong secret, revoked, expired), so that a guesser learns nothing."""
+        if not secret:
+            raise InvalidArgument(FieldViolation("secret", "required: the secret the caller presented"))
+        key_id = key_id_of(secret)
+        if key_id is None:
+            raise InvalidApiKey()
+        found = await self._read(lambda tx: tx.api_key_and_hash(key_id))
+        key, stored_hash = found if found is not None else (None, None)
+        # hashed and compared whether or not the key exists: the same work either way
+        if not self._hasher.matches(secret, stored_hash) or key is None or key.state is not KeyState.ACTIVE:
+            raise InvalidApiKey()
+        return key
 
     # audit -------------------------------------------------------------------------
 

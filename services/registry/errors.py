@@ -39,6 +39,19 @@ class DeploymentInUse(FailedPrecondition):
         )
 
 
+class ApiKeyRevoked(FailedPrecondition):
+    def __init__(self, name: str, revoke_time: str) -> None:
+        super().__init__(f"{name} was revoked already, at {revoke_time}", metadata={"resource": name})
+
+
+class InvalidApiKey(NotFound):
+    """VerifyApiKey's one answer for a secret that is malformed, unknown, revoked or expired:
+    it must not tell a guesser which (and never repeats the secret)."""
+
+    def __init__(self) -> None:
+        super().__init__("no active API key has this secret")
+
+
 class DatabaseUnavailable(Unavailable):
     def __init__(self, detail: str) -> None:
         super().__init__(f"registry database unavailable: {detail}", retry_after=1.0)

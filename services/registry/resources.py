@@ -12,6 +12,11 @@ from typing import Any, Generic, TypeVar
 
 DEPLOYMENTS = "deployments/"
 ROUTES = "routes/"
+TENANTS = "tenants/"
+#: between the tenant id and the key id in an API key's name: tenants/{tenant}/apiKeys/{key}
+API_KEYS = "/apiKeys/"
+#: the tenant id that stands for every tenant in a key's name or parent (tenants/-/apiKeys/{key})
+ANY_TENANT = "-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +57,59 @@ class Route:
     update_time: datetime | None = None  # output only
 
 
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    name: str  # tenants/{id}
+    display_name: str = ""
+    create_time: datetime | None = None  # output only
+
+
+class Tier(StrEnum):
+    FREE = "free"
+    PAID = "paid"
+    ENTERPRISE = "enterprise"
+
+
+class KeyState(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """An API key as stored, without its secret (the store keeps only a keyed hash of it)."""
+
+    name: str  # tenants/{tenant}/apiKeys/{key}; chosen by the registry
+    tier: str  # a Tier value ("" = unspecified, refused on create)
+    route_classes: tuple[str, ...] = ()  # empty: every route class
+    display_name: str = ""
+    expire_time: datetime | None = None  # None: never expires
+    revoke_time: datetime | None = None  # output only
+    create_time: datetime | None = None  # output only
+    state: KeyState = KeyState.ACTIVE  # output only, as of the read
+
+    @property
+    def tenant(self) -> str:
+        return self.name.removeprefix(TENANTS).partition("/")[0]
+
+    @property
+    def key_id(self) -> str:
+        return self.name.rpartition("/")[2]
+
+
+def key_state(revoke_time: datetime | None, expire_time: datetime | None, now: datetime) -> KeyState:
+    if revoke_time is not None:
+        return KeyState.REVOKED
+    if expire_time is not None and expire_time <= now:
+        return KeyState.EXPIRED
+    return KeyState.ACTIVE
+
+
+def api_key_name(tenant_id: str, key_id: str) -> str:
+    return f"{TENANTS}{tenant_id}{API_KEYS}{key_id}"
+
+
 class Action(StrEnum):
     CREATE = "CREATE"
     UPDATE = "UPDATE"
@@ -88,8 +146,10 @@ class Page(Generic[T]):
     next_page_token: str = ""
 
 
+#: a resource the audit log records
+Resource = Deployment | Route | Tenant | ApiKey
 #: JSON form of a resource for the audit log (the servicer's protobuf JSON mapping)
-Encoder = Callable[[Deployment | Route], dict[str, Any]]
+Encoder = Callable[[Resource], dict[str, Any]]
 
 
 def resource_id(name: str, prefix: str) -> str:

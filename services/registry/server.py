@@ -13,6 +13,7 @@ from services.common.server import GrpcServer, Service, create_server
 from services.common.settings import SettingsError, load_settings, service_config_dir
 from services.common.tracing import configure_tracing
 from services.registry.core import RegistryCore
+from services.registry.keys import SecretHasher
 from services.registry.servicer import RegistryServicer, resource_json
 from services.registry.settings import RegistrySettings
 from services.registry.store import Store
@@ -49,7 +50,7 @@ async def create_registry_server(
 ) -> tuple[RegistryServer, RegistryCore]:
     """Migrate the database to the latest schema and build (not start) the gRPC server."""
     store = Store(settings.resolved_database_url(), sqlite_busy_timeout_s=settings.sqlite_busy_timeout_s)
-    core = RegistryCore(store, resource_json)
+    core = RegistryCore(store, resource_json, hasher=SecretHasher(settings.pepper()))
     try:
         await core.start()
     except BaseException:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -13,13 +13,19 @@ from servemesh.registry.v1 import registry_pb2_grpc as pb_grpc
 
 from services.common.errors import FieldViolation, InvalidArgument
 from services.registry.core import RegistryCore, caller_identity
+from services.registry.keys import secret_prefix
 from services.registry.resources import (
     Action,
+    ApiKey,
     AuditEntry,
     Deployment,
     HeaderOverride,
+    KeyState,
+    Resource,
     Route,
     RoutingState,
+    Tenant,
+    Tier,
     WeightedBackend,
 )
 
@@ -27,6 +33,13 @@ _ACTIONS = {
     Action.CREATE: pb.AuditEntry.ACTION_CREATE,
     Action.UPDATE: pb.AuditEntry.ACTION_UPDATE,
     Action.DELETE: pb.AuditEntry.ACTION_DELETE,
+}
+_TIERS = {Tier.FREE: pb.ApiKey.TIER_FREE, Tier.PAID: pb.ApiKey.TIER_PAID, Tier.ENTERPRISE: pb.ApiKey.TIER_ENTERPRISE}
+_TIERS_FROM_PB = {v: k for k, v in _TIERS.items()}
+_STATES = {
+    KeyState.ACTIVE: pb.ApiKey.STATE_ACTIVE,
+    KeyState.REVOKED: pb.ApiKey.STATE_REVOKED,
+    KeyState.EXPIRED: pb.ApiKey.STATE_EXPIRED,
 }
 
 
@@ -100,6 +113,51 @@ def route_from_pb(r: pb.Route) -> Route:
     )
 
 
+def tenant_to_pb(t: Tenant) -> pb.Tenant:
+    return pb.Tenant(name=t.name, display_name=t.display_name, create_time=_timestamp(t.create_time))
+
+
+def tenant_from_pb(t: pb.Tenant) -> Tenant:
+    return Tenant(t.name, t.display_name)
+
+
+def api_key_to_pb(k: ApiKey) -> pb.ApiKey:
+    """The key's public fields; the domain object holds no secret or hash to leak."""
+    return pb.ApiKey(
+        name=k.name,
+        key_id=k.key_id,
+        secret_prefix=secret_prefix(k.key_id),
+        display_name=k.display_name,
+        tier=_TIERS[Tier(k.tier)],
+        route_classes=list(k.route_classes),
+        expire_time=_timestamp(k.expire_time),
+        revoke_time=_timestamp(k.revoke_time),
+        create_time=_timestamp(k.create_time),
+        state=_STATES[k.state],
+    )
+
+
+def api_key_from_pb(k: pb.ApiKey) -> tuple[ApiKey, timedelta | None]:
+    """The fields a client sets on create, and the ttl if it gave one instead of expire_time."""
+    expire_time = ttl = None
+    try:
+        if k.HasField("expire_time"):
+            expire_time = k.expire_time.ToDatetime(tzinfo=UTC)
+        if k.HasField("ttl"):
+            ttl = k.ttl.ToTimedelta()
+    except (OverflowError, ValueError):
+        field = "api_key.expire_time" if k.HasField("expire_time") else "api_key.ttl"
+        raise InvalidArgument(FieldViolation(field, "is not a valid time")) from None
+    key = ApiKey(
+        name=k.name,
+        tier=_TIERS_FROM_PB.get(k.tier, ""),
+        route_classes=tuple(k.route_classes),
+        display_name=k.display_name,
+        expire_time=expire_time,
+    )
+    return key, ttl
+
+
 def audit_entry_to_pb(e: AuditEntry) -> pb.AuditEntry:
     return pb.AuditEntry(
         revision=e.revision,
@@ -113,9 +171,17 @@ def audit_entry_to_pb(e: AuditEntry) -> pb.AuditEntry:
     )
 
 
-def resource_json(resource: Deployment | Route) -> dict[str, Any]:
+def resource_json(resource: Resource) -> dict[str, Any]:
     """The audit log's JSON form of a resource: its protobuf JSON mapping, every field present."""
-    message = deployment_to_pb(resource) if isinstance(resource, Deployment) else route_to_pb(resource)
+    message: Any
+    if isinstance(resource, Deployment):
+        message = deployment_to_pb(resource)
+    elif isinstance(resource, Route):
+        message = route_to_pb(resource)
+    elif isinstance(resource, Tenant):
+        message = tenant_to_pb(resource)
+    else:
+        message = api_key_to_pb(resource)
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
 
 
@@ -223,3 +289,59 @@ class RegistryServicer(pb_grpc.RegistryServiceServicer):
         return pb.ListAuditEntriesResponse(
             entries=[audit_entry_to_pb(e) for e in page.items], next_page_token=page.next_page_token
         )
+
+    # tenants -----------------------------------------------------------------------
+
+    async def CreateTenant(
+        self, request: pb.CreateTenantRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.CreateTenantResponse:
+        stored = await self._core.create_tenant(
+            tenant_from_pb(request.tenant), reason=request.reason, actor=self._actor(context_)
+        )
+        return pb.CreateTenantResponse(tenant=tenant_to_pb(stored))
+
+    async def GetTenant(self, request: pb.GetTenantRequest, context_: grpc.aio.ServicerContext) -> pb.GetTenantResponse:
+        return pb.GetTenantResponse(tenant=tenant_to_pb(await self._core.get_tenant(request.name)))
+
+    async def ListTenants(
+        self, request: pb.ListTenantsRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.ListTenantsResponse:
+        page = await self._core.list_tenants(page_size=request.page_size, page_token=request.page_token)
+        return pb.ListTenantsResponse(
+            tenants=[tenant_to_pb(t) for t in page.items], next_page_token=page.next_page_token
+        )
+
+    # API keys ----------------------------------------------------------------------
+
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.CreateApiKeyResponse:
+        key, ttl = api_key_from_pb(request.api_key)
+        stored, secret = await self._core.create_api_key(
+            request.parent, key, ttl=ttl, reason=request.reason, actor=self._actor(context_)
+        )
+        return pb.CreateApiKeyResponse(api_key=api_key_to_pb(stored), secret=secret)
+
+    async def GetApiKey(self, request: pb.GetApiKeyRequest, context_: grpc.aio.ServicerContext) -> pb.GetApiKeyResponse:
+        return pb.GetApiKeyResponse(api_key=api_key_to_pb(await self._core.get_api_key(request.name)))
+
+    async def ListApiKeys(
+        self, request: pb.ListApiKeysRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.ListApiKeysResponse:
+        page = await self._core.list_api_keys(
+            request.parent, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListApiKeysResponse(
+            api_keys=[api_key_to_pb(k) for k in page.items], next_page_token=page.next_page_token
+        )
+
+    async def RevokeApiKey(
+        self, request: pb.RevokeApiKeyRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.RevokeApiKeyResponse:
+        stored = await self._core.revoke_api_key(request.name, reason=request.reason, actor=self._actor(context_))
+        return pb.RevokeApiKeyResponse(api_key=api_key_to_pb(stored))
+
+    async def VerifyApiKey(
+        self, request: pb.VerifyApiKeyRequest, context_: grpc.aio.ServicerContext
+    ) -> pb.VerifyApiKeyResponse:
+        return pb.VerifyApiKeyResponse(api_key=api_key_to_pb(await self._core.verify_api_key(request.secret)))

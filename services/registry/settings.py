@@ -35,6 +35,10 @@ class RegistrySettings(ServiceSettings):
     trust_forwarded_identity: bool = False
     #: SQLite only: how long a writer waits for another one's lock before failing, in seconds
     sqlite_busy_timeout_s: float = Field(5.0, gt=0, le=60)
+    #: key of the HMAC-SHA256 the registry stores instead of each API key's secret; kept out of the
+    #: database (in production from SERVEMESH_REGISTRY_API_KEY_PEPPER, a secret). Unset means an
+    #: empty key. Changing it invalidates every existing API key.
+    api_key_pepper: SecretStr | None = Field(None, min_length=16)
 
     @field_validator("database_url")
     @classmethod
@@ -48,6 +52,9 @@ class RegistrySettings(ServiceSettings):
         if backend not in BACKENDS:
             raise ValueError(f"database {backend!r} is not supported; use one of {', '.join(BACKENDS)}")
         return value
+
+    def pepper(self) -> bytes:
+        return b"" if self.api_key_pepper is None else self.api_key_pepper.get_secret_value().encode()
 
     def resolved_database_url(self) -> str:
         """database_url, or the SQLite file in data_dir."""

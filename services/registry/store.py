@@ -10,6 +10,11 @@ routes use deployment X" is an indexed query on both databases, and UNIQUE(route
 deployment_id) holds "each deployment at most once per route". A route has at most 16 +
 8 children, so replacing them all on update is cheap. Audit before/after snapshots are
 JSON (JSONB on PostgreSQL): they are documents, read back whole, never queried into.
+So is an API key's list of route classes.
+
+API keys are keyed by their public key id alone (unique across tenants: the gateway
+resolves a presented secret by the id inside it, without knowing the tenant). The table
+holds a keyed hash of the secret (services.registry.keys), never the secret itself.
 
 Writers are serialized: every write transaction first takes the next value of the
 single-row revision counter (an UPDATE, which holds the row lock on PostgreSQL until
@@ -39,6 +44,7 @@ from sqlalchemy import (
     DateTime,
     Engine,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -52,6 +58,7 @@ from sqlalchemy import (
     insert,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -63,12 +70,17 @@ from services.registry.errors import DatabaseUnavailable
 from services.registry.resources import (
     DEPLOYMENTS,
     ROUTES,
+    TENANTS,
     Action,
+    ApiKey,
     AuditEntry,
     Deployment,
     HeaderOverride,
     Route,
+    Tenant,
     WeightedBackend,
+    api_key_name,
+    key_state,
     resource_id,
 )
 
@@ -147,6 +159,30 @@ audit_entries = Table(
     Column("reason", String(500), nullable=False),
     Column("before", Json, nullable=True),
     Column("after", Json, nullable=True),
+)
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(63), primary_key=True),
+    Column("display_name", String(128), nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+)
+
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("tenant_id", String(63), ForeignKey("tenants.id", ondelete="RESTRICT"), nullable=False),
+    #: HMAC-SHA256 of the secret under the registry's pepper, hex
+    Column("secret_hash", String(64), nullable=False),
+    Column("tier", String(16), nullable=False),
+    Column("route_classes", Json, nullable=False),
+    Column("display_name", String(128), nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("expire_time", DateTime(timezone=True), nullable=True),
+    Column("revoke_time", DateTime(timezone=True), nullable=True),
+    Index("ix_api_keys_tenant_id_id", "tenant_id", "id"),
 )
 
 
@@ -364,6 +400,95 @@ class Tx:
         self._delete_children(route_id)
         stmt = delete(routes).where(routes.c.id == route_id, routes.c.etag == expected_etag)
         return self.conn.execute(stmt).rowcount == 1
+
+    # tenants -----------------------------------------------------------------------
+
+    @staticmethod
+    def _tenant(row: Any) -> Tenant:
+        return Tenant(name=TENANTS + row.id, display_name=row.display_name, create_time=_utc(row.create_time))
+
+    def get_tenant(self, tenant_id: str) -> Tenant | None:
+        row = self.conn.execute(select(tenants).where(tenants.c.id == tenant_id)).first()
+        return None if row is None else self._tenant(row)
+
+    def list_tenants(self, *, after: str | None = None, limit: int | None = None) -> list[Tenant]:
+        stmt = select(tenants).order_by(tenants.c.id)
+        if after is not None:
+            stmt = stmt.where(tenants.c.id > after)
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return [self._tenant(row) for row in self.conn.execute(stmt)]
+
+    def insert_tenant(self, t: Tenant) -> None:
+        self.conn.execute(
+            insert(tenants).values(
+                id=resource_id(t.name, TENANTS), display_name=t.display_name, create_time=t.create_time
+            )
+        )
+
+    # API keys ----------------------------------------------------------------------
+
+    def _api_key(self, row: Any) -> ApiKey:
+        expire_time = None if row.expire_time is None else _utc(row.expire_time)
+        revoke_time = None if row.revoke_time is None else _utc(row.revoke_time)
+        return ApiKey(
+            name=api_key_name(row.tenant_id, row.id),
+            tier=row.tier,
+            route_classes=tuple(row.route_classes),
+            display_name=row.display_name,
+            expire_time=expire_time,
+            revoke_time=revoke_time,
+            create_time=_utc(row.create_time),
+            state=key_state(revoke_time, expire_time, self.now),
+        )
+
+    _KEY_COLUMNS = tuple(c for c in api_keys.c if c.name != "secret_hash")
+
+    def get_api_key(self, key_id: str, *, for_update: bool = False) -> ApiKey | None:
+        """The key (never its hash) by its key id, whatever its tenant."""
+        stmt = select(*self._KEY_COLUMNS).where(api_keys.c.id == key_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        row = self.conn.execute(stmt).first()
+        return None if row is None else self._api_key(row)
+
+    def api_key_and_hash(self, key_id: str) -> tuple[ApiKey, str] | None:
+        """The key and its secret's stored hash, for verification only."""
+        row = self.conn.execute(select(api_keys).where(api_keys.c.id == key_id)).first()
+        return None if row is None else (self._api_key(row), row.secret_hash)
+
+    def list_api_keys(
+        self, *, tenant_id: str = "", after: tuple[str, str] | None = None, limit: int | None = None
+    ) -> list[ApiKey]:
+        """Ordered by (tenant id, key id); `after` is the (tenant id, key id) the page starts after."""
+        stmt = select(*self._KEY_COLUMNS).order_by(api_keys.c.tenant_id, api_keys.c.id)
+        if tenant_id:
+            stmt = stmt.where(api_keys.c.tenant_id == tenant_id)
+        if after is not None:
+            stmt = stmt.where(tuple_(api_keys.c.tenant_id, api_keys.c.id) > tuple_(*after))
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return [self._api_key(row) for row in self.conn.execute(stmt)]
+
+    def insert_api_key(self, k: ApiKey, secret_hash: str) -> None:
+        self.conn.execute(
+            insert(api_keys).values(
+                id=k.key_id,
+                tenant_id=k.tenant,
+                secret_hash=secret_hash,
+                tier=k.tier,
+                route_classes=list(k.route_classes),
+                display_name=k.display_name,
+                create_time=k.create_time,
+                expire_time=k.expire_time,
+                revoke_time=k.revoke_time,
+            )
+        )
+
+    def revoke_api_key(self, key_id: str, when: datetime) -> bool:
+        """Set the key's revoke time if it has none yet; False if it had (or there is no such key)."""
+        stmt = update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoke_time.is_(None))
+        return self.conn.execute(stmt.values(revoke_time=when)).rowcount == 1
 
     # audit -------------------------------------------------------------------------
 

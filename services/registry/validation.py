@@ -8,11 +8,26 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from services.common.errors import FieldViolation, InvalidArgument
-from services.registry.resources import DEPLOYMENTS, ROUTES, Deployment, HeaderOverride, Route, WeightedBackend
+from services.registry.keys import KEY_ID_RE
+from services.registry.resources import (
+    ANY_TENANT,
+    API_KEYS,
+    DEPLOYMENTS,
+    ROUTES,
+    TENANTS,
+    ApiKey,
+    Deployment,
+    HeaderOverride,
+    Route,
+    Tenant,
+    Tier,
+    WeightedBackend,
+)
 
 ID_RE = re.compile(r"[a-z][a-z0-9-]{0,62}")
 ROUTE_CLASS_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -29,12 +44,18 @@ MAX_HEADER_OVERRIDES = 8
 MAX_TIMEOUT = timedelta(seconds=600)
 MAX_REASON = 500
 MAX_FILTER = 256
+MAX_DISPLAY_NAME = 128
+MAX_KEY_ROUTE_CLASSES = 32
+MIN_KEY_LIFETIME = timedelta(seconds=60)
+MAX_KEY_LIFETIME = timedelta(days=1826)
 #: the fields UpdateRoute may replace (update_mask paths)
 UPDATABLE_FIELDS = ("backends", "header_overrides", "locked", "timeout")
 #: every field of a route a client sets on create
 ROUTE_FIELDS = ("name", "service", "route_class", "backends", "header_overrides", "timeout")
 
 ID_RULE = "1-63 characters of a-z, 0-9 and '-', starting with a letter"
+ROUTE_CLASS_RULE = "1-63 characters of a-z, 0-9, '_' and '-', starting with a letter"
+KEY_ID_RULE = "16 characters of a-z and 2-7"
 
 
 def show(value: str, limit: int = 80) -> str:
@@ -122,8 +143,7 @@ def validate_route_fields(r: Route, fields: Iterable[str]) -> list[FieldViolatio
         out.append(
             FieldViolation(
                 "route.route_class",
-                f"must be empty or 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter;"
-                f" got {show(r.route_class)}",
+                f"must be empty or {ROUTE_CLASS_RULE}; got {show(r.route_class)}",
             )
         )
     if "backends" in fields:
@@ -222,4 +242,78 @@ def reference_violations(
             out.append(FieldViolation(path, f"{name} does not exist"))
         elif d.service != route.service:
             out.append(FieldViolation(path, f"{name} implements {d.service!r}, not {route.service!r}"))
+    return out
+
+
+# --- tenants and API keys -------------------------------------------------------------
+
+
+def display_name_violations(value: str, path: str) -> list[FieldViolation]:
+    if len(value) > MAX_DISPLAY_NAME:
+        return [FieldViolation(path, f"must be at most {MAX_DISPLAY_NAME} characters; got {len(value)}")]
+    if any(unicodedata.category(ch) == "Cc" for ch in value):
+        return [FieldViolation(path, "must not contain control characters")]
+    return []
+
+
+def validate_tenant(t: Tenant) -> list[FieldViolation]:
+    return name_violations(t.name, TENANTS, "tenant.name") + display_name_violations(
+        t.display_name, "tenant.display_name"
+    )
+
+
+def tenant_id_or_any(value: str) -> bool:
+    return value == ANY_TENANT or ID_RE.fullmatch(value) is not None
+
+
+def parent_violations(parent: str, *, allow_any: bool) -> list[FieldViolation]:
+    """`parent` must be tenants/{tenant} (or tenants/- when `allow_any`)."""
+    if allow_any and parent == TENANTS + ANY_TENANT:
+        return []
+    return name_violations(parent, TENANTS, "parent")
+
+
+def api_key_name_violations(name: str, path: str = "name") -> list[FieldViolation]:
+    """`name` must be tenants/{tenant}/apiKeys/{key}, where {tenant} may be '-' (any tenant)."""
+    rule = f"tenants/{{tenant}}/apiKeys/{{key}}, {{tenant}} an id or '-', {{key}} {KEY_ID_RULE}"
+    if not name:
+        return [FieldViolation(path, f"required: {rule}")]
+    tenant, sep, key = name.removeprefix(TENANTS).partition(API_KEYS)
+    if not name.startswith(TENANTS) or not sep or not tenant_id_or_any(tenant) or not KEY_ID_RE.fullmatch(key):
+        return [FieldViolation(path, f"must be {rule}; got {show(name)}")]
+    return []
+
+
+def validate_api_key(key: ApiKey, ttl: timedelta | None, now: datetime) -> list[FieldViolation]:
+    """The fields a client sets on create; `now` is when the request arrived."""
+    out: list[FieldViolation] = []
+    if key.tier not in tuple(Tier):
+        out.append(FieldViolation("api_key.tier", f"required: one of {', '.join(Tier)}"))
+    out += display_name_violations(key.display_name, "api_key.display_name")
+    classes = key.route_classes
+    if len(classes) > MAX_KEY_ROUTE_CLASSES:
+        out.append(
+            FieldViolation(
+                "api_key.route_classes", f"must have at most {MAX_KEY_ROUTE_CLASSES} classes; got {len(classes)}"
+            )
+        )
+    seen: dict[str, int] = {}
+    for i, klass in enumerate(classes):
+        if not ROUTE_CLASS_RE.fullmatch(klass):
+            out.append(FieldViolation(f"api_key.route_classes[{i}]", f"must be {ROUTE_CLASS_RULE}; got {show(klass)}"))
+        elif klass in seen:
+            out.append(FieldViolation(f"api_key.route_classes[{i}]", f"{klass!r} is already [{seen[klass]}]"))
+        seen.setdefault(klass, i)
+    lifetime = f"[{MIN_KEY_LIFETIME.total_seconds():.0f}s, {MAX_KEY_LIFETIME.days} days]"
+    if ttl is not None and key.expire_time is not None:
+        out.append(FieldViolation("api_key.ttl", "set expire_time or ttl, not both"))
+    elif ttl is not None and not MIN_KEY_LIFETIME <= ttl <= MAX_KEY_LIFETIME:
+        out.append(FieldViolation("api_key.ttl", f"must be in {lifetime}; got {ttl.total_seconds():.0f}s"))
+    elif key.expire_time is not None and not MIN_KEY_LIFETIME <= key.expire_time - now <= MAX_KEY_LIFETIME:
+        out.append(
+            FieldViolation(
+                "api_key.expire_time",
+                f"must be {lifetime} from now ({now.isoformat(timespec='seconds')}); got {key.expire_time.isoformat()}",
+            )
+        )
     return out

@@ -28,9 +28,11 @@ if _version_not_supported:
 class RegistryServiceStub:
     """RegistryService is the source of truth for what runs where: deployments
     (a service's versioned backends) and routes (how a service's traffic is
-    split over them). Every change is audit-logged with who made it and why.
-    The mesh control plane and the gateways follow WatchRoutes, so a change
-    here reaches every Envoy within a second.
+    split over them), and for who may call: tenants and their API keys. Every
+    change is audit-logged with who made it and why. The mesh control plane
+    and the gateways follow WatchRoutes, so a route change here reaches every
+    Envoy within a second; gateways check presented API keys with
+    VerifyApiKey.
     """
 
     def __init__(self, channel):
@@ -94,14 +96,56 @@ class RegistryServiceStub:
                 request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEntriesRequest.SerializeToString,
                 response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEntriesResponse.FromString,
                 _registered_method=True)
+        self.CreateTenant = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/CreateTenant',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateTenantRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateTenantResponse.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/GetTenant',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetTenantRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetTenantResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/ListTenants',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
+        self.CreateApiKey = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/CreateApiKey',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyResponse.FromString,
+                _registered_method=True)
+        self.GetApiKey = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/GetApiKey',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetApiKeyRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetApiKeyResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/ListApiKeys',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/RevokeApiKey',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
+        self.VerifyApiKey = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/VerifyApiKey',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
     """RegistryService is the source of truth for what runs where: deployments
     (a service's versioned backends) and routes (how a service's traffic is
-    split over them). Every change is audit-logged with who made it and why.
-    The mesh control plane and the gateways follow WatchRoutes, so a change
-    here reaches every Envoy within a second.
+    split over them), and for who may call: tenants and their API keys. Every
+    change is audit-logged with who made it and why. The mesh control plane
+    and the gateways follow WatchRoutes, so a route change here reaches every
+    Envoy within a second; gateways check presented API keys with
+    VerifyApiKey.
     """
 
     def CreateDeployment(self, request, context):
@@ -189,6 +233,69 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateTenant(self, request, context):
+        """Creates a tenant. ALREADY_EXISTS if the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """Returns one tenant. NOT_FOUND if there is none by that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Lists tenants, ordered by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateApiKey(self, request, context):
+        """Creates an API key of a tenant and returns its secret, the only time the
+        secret is ever returned. NOT_FOUND if the tenant does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApiKey(self, request, context):
+        """Returns one API key (never its secret). NOT_FOUND if there is none by
+        that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Lists the API keys of one tenant or of all tenants (never their
+        secrets), active, revoked and expired, ordered by tenant, then key id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes an API key: the gateways refuse it from then on (within their
+        cache lifetime, seconds). Revocation is final. FAILED_PRECONDITION if the
+        key is revoked already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyApiKey(self, request, context):
+        """Internal, for the gateways (no HTTP mapping): the active API key a
+        presented secret belongs to. An unknown, malformed, revoked or expired
+        secret gets the same NOT_FOUND answer, which does not say which it was.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -247,6 +354,46 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEntriesRequest.FromString,
                     response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEntriesResponse.SerializeToString,
             ),
+            'CreateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTenant,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateTenantRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateTenantResponse.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetTenantRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetTenantResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListTenantsRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListTenantsResponse.SerializeToString,
+            ),
+            'CreateApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateApiKey,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'GetApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApiKey,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetApiKeyRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetApiKeyResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'VerifyApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyApiKey,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'servemesh.registry.v1.RegistryService', rpc_method_handlers)
@@ -258,9 +405,11 @@ def add_RegistryServiceServicer_to_server(servicer, server):
 class RegistryService:
     """RegistryService is the source of truth for what runs where: deployments
     (a service's versioned backends) and routes (how a service's traffic is
-    split over them). Every change is audit-logged with who made it and why.
-    The mesh control plane and the gateways follow WatchRoutes, so a change
-    here reaches every Envoy within a second.
+    split over them), and for who may call: tenants and their API keys. Every
+    change is audit-logged with who made it and why. The mesh control plane
+    and the gateways follow WatchRoutes, so a route change here reaches every
+    Envoy within a second; gateways check presented API keys with
+    VerifyApiKey.
     """
 
     @staticmethod
@@ -550,6 +699,222 @@ class RegistryService:
             '/servemesh.registry.v1.RegistryService/ListAuditEntries',
             servemesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEntriesRequest.SerializeToString,
             servemesh_dot_registry_dot_v1_dot_registry__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/CreateTenant',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateTenantRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/GetTenant',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.GetTenantRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.GetTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/ListTenants',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.ListTenantsRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.ListTenantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/CreateApiKey',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/GetApiKey',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.GetApiKeyRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.GetApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/ListApiKeys',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/RevokeApiKey',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/VerifyApiKey',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -29,9 +29,11 @@ GRPC_VERSION: str
 class RegistryServiceStub:
     """RegistryService is the source of truth for what runs where: deployments
     (a service's versioned backends) and routes (how a service's traffic is
-    split over them). Every change is audit-logged with who made it and why.
-    The mesh control plane and the gateways follow WatchRoutes, so a change
-    here reaches every Envoy within a second.
+    split over them), and for who may call: tenants and their API keys. Every
+    change is audit-logged with who made it and why. The mesh control plane
+    and the gateways follow WatchRoutes, so a route change here reaches every
+    Envoy within a second; gateways check presented API keys with
+    VerifyApiKey.
     """
 
     @_typing.overload
@@ -72,14 +74,44 @@ class RegistryServiceStub:
     """
     ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListAuditEntriesRequest, _registry_pb2.ListAuditEntriesResponse]
     """Lists the audit log, newest first."""
+    CreateTenant: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateTenantRequest, _registry_pb2.CreateTenantResponse]
+    """Creates a tenant. ALREADY_EXISTS if the name is taken."""
+    GetTenant: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetTenantRequest, _registry_pb2.GetTenantResponse]
+    """Returns one tenant. NOT_FOUND if there is none by that name."""
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListTenantsRequest, _registry_pb2.ListTenantsResponse]
+    """Lists tenants, ordered by name."""
+    CreateApiKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateApiKeyRequest, _registry_pb2.CreateApiKeyResponse]
+    """Creates an API key of a tenant and returns its secret, the only time the
+    secret is ever returned. NOT_FOUND if the tenant does not exist.
+    """
+    GetApiKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetApiKeyRequest, _registry_pb2.GetApiKeyResponse]
+    """Returns one API key (never its secret). NOT_FOUND if there is none by
+    that name.
+    """
+    ListApiKeys: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListApiKeysRequest, _registry_pb2.ListApiKeysResponse]
+    """Lists the API keys of one tenant or of all tenants (never their
+    secrets), active, revoked and expired, ordered by tenant, then key id.
+    """
+    RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RevokeApiKeyRequest, _registry_pb2.RevokeApiKeyResponse]
+    """Revokes an API key: the gateways refuse it from then on (within their
+    cache lifetime, seconds). Revocation is final. FAILED_PRECONDITION if the
+    key is revoked already.
+    """
+    VerifyApiKey: _grpc.UnaryUnaryMultiCallable[_registry_pb2.VerifyApiKeyRequest, _registry_pb2.VerifyApiKeyResponse]
+    """Internal, for the gateways (no HTTP mapping): the active API key a
+    presented secret belongs to. An unknown, malformed, revoked or expired
+    secret gets the same NOT_FOUND answer, which does not say which it was.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
     """RegistryService is the source of truth for what runs where: deployments
     (a service's versioned backends) and routes (how a service's traffic is
-    split over them). Every change is audit-logged with who made it and why.
-    The mesh control plane and the gateways follow WatchRoutes, so a change
-    here reaches every Envoy within a second.
+    split over them), and for who may call: tenants and their API keys. Every
+    change is audit-logged with who made it and why. The mesh control plane
+    and the gateways follow WatchRoutes, so a route change here reaches every
+    Envoy within a second; gateways check presented API keys with
+    VerifyApiKey.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -117,13 +149,43 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """
     ListAuditEntries: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListAuditEntriesRequest, _registry_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
     """Lists the audit log, newest first."""
+    CreateTenant: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateTenantRequest, _registry_pb2.CreateTenantResponse]  # type: ignore[assignment]
+    """Creates a tenant. ALREADY_EXISTS if the name is taken."""
+    GetTenant: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetTenantRequest, _registry_pb2.GetTenantResponse]  # type: ignore[assignment]
+    """Returns one tenant. NOT_FOUND if there is none by that name."""
+    ListTenants: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListTenantsRequest, _registry_pb2.ListTenantsResponse]  # type: ignore[assignment]
+    """Lists tenants, ordered by name."""
+    CreateApiKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateApiKeyRequest, _registry_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
+    """Creates an API key of a tenant and returns its secret, the only time the
+    secret is ever returned. NOT_FOUND if the tenant does not exist.
+    """
+    GetApiKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetApiKeyRequest, _registry_pb2.GetApiKeyResponse]  # type: ignore[assignment]
+    """Returns one API key (never its secret). NOT_FOUND if there is none by
+    that name.
+    """
+    ListApiKeys: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListApiKeysRequest, _registry_pb2.ListApiKeysResponse]  # type: ignore[assignment]
+    """Lists the API keys of one tenant or of all tenants (never their
+    secrets), active, revoked and expired, ordered by tenant, then key id.
+    """
+    RevokeApiKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.RevokeApiKeyRequest, _registry_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
+    """Revokes an API key: the gateways refuse it from then on (within their
+    cache lifetime, seconds). Revocation is final. FAILED_PRECONDITION if the
+    key is revoked already.
+    """
+    VerifyApiKey: _aio.UnaryUnaryMultiCallable[_registry_pb2.VerifyApiKeyRequest, _registry_pb2.VerifyApiKeyResponse]  # type: ignore[assignment]
+    """Internal, for the gateways (no HTTP mapping): the active API key a
+    presented secret belongs to. An unknown, malformed, revoked or expired
+    secret gets the same NOT_FOUND answer, which does not say which it was.
+    """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """RegistryService is the source of truth for what runs where: deployments
     (a service's versioned backends) and routes (how a service's traffic is
-    split over them). Every change is audit-logged with who made it and why.
-    The mesh control plane and the gateways follow WatchRoutes, so a change
-    here reaches every Envoy within a second.
+    split over them), and for who may call: tenants and their API keys. Every
+    change is audit-logged with who made it and why. The mesh control plane
+    and the gateways follow WatchRoutes, so a route change here reaches every
+    Envoy within a second; gateways check presented API keys with
+    VerifyApiKey.
     """
 
     @_abc_1.abstractmethod
@@ -225,5 +287,81 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.ListAuditEntriesResponse, _abc.Awaitable[_registry_pb2.ListAuditEntriesResponse]]:
         """Lists the audit log, newest first."""
+
+    @_abc_1.abstractmethod
+    def CreateTenant(
+        self,
+        request: _registry_pb2.CreateTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CreateTenantResponse, _abc.Awaitable[_registry_pb2.CreateTenantResponse]]:
+        """Creates a tenant. ALREADY_EXISTS if the name is taken."""
+
+    @_abc_1.abstractmethod
+    def GetTenant(
+        self,
+        request: _registry_pb2.GetTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetTenantResponse, _abc.Awaitable[_registry_pb2.GetTenantResponse]]:
+        """Returns one tenant. NOT_FOUND if there is none by that name."""
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _registry_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListTenantsResponse, _abc.Awaitable[_registry_pb2.ListTenantsResponse]]:
+        """Lists tenants, ordered by name."""
+
+    @_abc_1.abstractmethod
+    def CreateApiKey(
+        self,
+        request: _registry_pb2.CreateApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CreateApiKeyResponse, _abc.Awaitable[_registry_pb2.CreateApiKeyResponse]]:
+        """Creates an API key of a tenant and returns its secret, the only time the
+        secret is ever returned. NOT_FOUND if the tenant does not exist.
+        """
+
+    @_abc_1.abstractmethod
+    def GetApiKey(
+        self,
+        request: _registry_pb2.GetApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetApiKeyResponse, _abc.Awaitable[_registry_pb2.GetApiKeyResponse]]:
+        """Returns one API key (never its secret). NOT_FOUND if there is none by
+        that name.
+        """
+
+    @_abc_1.abstractmethod
+    def ListApiKeys(
+        self,
+        request: _registry_pb2.ListApiKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListApiKeysResponse, _abc.Awaitable[_registry_pb2.ListApiKeysResponse]]:
+        """Lists the API keys of one tenant or of all tenants (never their
+        secrets), active, revoked and expired, ordered by tenant, then key id.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeApiKey(
+        self,
+        request: _registry_pb2.RevokeApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RevokeApiKeyResponse, _abc.Awaitable[_registry_pb2.RevokeApiKeyResponse]]:
+        """Revokes an API key: the gateways refuse it from then on (within their
+        cache lifetime, seconds). Revocation is final. FAILED_PRECONDITION if the
+        key is revoked already.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyApiKey(
+        self,
+        request: _registry_pb2.VerifyApiKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.VerifyApiKeyResponse, _abc.Awaitable[_registry_pb2.VerifyApiKeyResponse]]:
+        """Internal, for the gateways (no HTTP mapping): the active API key a
+        presented secret belongs to. An unknown, malformed, revoked or expired
+        secret gets the same NOT_FOUND answer, which does not say which it was.
+        """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
