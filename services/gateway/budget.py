@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from services.common.errors import FieldViolation, InvalidArgument
+from services.common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 from services.common.generation import Message, Role
 
 #: tokens of a conversation on an engine, chat template and generation prompt included
@@ -92,7 +92,7 @@ class PromptBudget:
 
     async def fit(
         self,
-        engine: str,
+        engines: str | Sequence[str],
         limit: int,
         messages: tuple[Message, ...],
         passages: tuple[Passage, ...],
@@ -100,7 +100,13 @@ class PromptBudget:
         field: str = "messages",
     ) -> tuple[tuple[Message, ...], tuple[Passage, ...], Trimmed | None]:
         """The conversation and passages to send, and what was trimmed (None = nothing).
-        Raises InvalidArgument on `field`, naming the limit, when the prompt cannot fit."""
+        Raises InvalidArgument on `field`, naming the limit, when the prompt cannot fit.
+
+        Tokens are counted on the first of `engines` that can count (the routed engine, then
+        its fallbacks): the one the request goes to when the first is missing or down."""
+        if isinstance(engines, str):
+            engines = (engines,)
+        engine = await self._counting_engine(engines)
         composed = compose(messages, passages)
         if await self._bound.bound(engine, composed) <= limit:
             return messages, passages, None
@@ -122,6 +128,17 @@ class PromptBudget:
                 raise self._over(field, tokens, limit, trimmed=True)
             tokens = await self._count(engine, compose(messages, passages))
         return messages, passages, Trimmed(removed_messages, tuple(removed_passages), before, tokens)
+
+    async def _counting_engine(self, engines: Sequence[str]) -> str:
+        """The first engine whose template cost can be measured; the last one's error if none."""
+        for i, engine in enumerate(engines):
+            try:
+                await self._bound.bound(engine, ())
+                return engine
+            except (NotFound, Unavailable):
+                if i == len(engines) - 1:
+                    raise
+        raise ValueError("no engine to count tokens on")
 
     @staticmethod
     def _over(field: str, tokens: int, limit: int, *, trimmed: bool) -> InvalidArgument:

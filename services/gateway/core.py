@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from services.common import context
 from services.common.errors import FieldViolation
@@ -33,7 +33,10 @@ from services.common.generation import (
 )
 from services.gateway.budget import Passage, PromptBudget, Trimmed, compose
 from services.gateway.redaction import Redaction, Redactor
-from services.gateway.settings import RouteClassConfig
+
+if TYPE_CHECKING:  # settings import the policies' own config models: no runtime cycle
+    from services.gateway.routing import RoutingHints
+    from services.gateway.settings import RouteClassConfig
 
 
 @dataclass(slots=True)
@@ -89,6 +92,8 @@ class GatewayRequest:
     client_address: str = ""
     #: set by the authentication policy
     principal: Principal | None = None
+    #: what the caller says about the request, for rule routing (None = nothing)
+    hints: RoutingHints | None = None
     #: free-form notes of the policies (e.g. what was trimmed), for logs and responses
     notes: dict[str, str] = field(default_factory=dict)
     served: Served = field(default_factory=Served)
@@ -110,6 +115,10 @@ class Policy(abc.ABC):
     def wrap(self, request: GatewayRequest, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
         """Wrap the response stream (count tokens, redact, cache...); identity by default."""
         return stream
+
+    async def abandon(self, request: GatewayRequest) -> None:  # noqa: B027 - optional hook
+        """A later policy refused the request after this one admitted it: undo what `admit`
+        took (a concurrency slot...), since `wrap` will not run."""
 
 
 class Backend(Protocol):
@@ -270,7 +279,7 @@ class Budget(Policy):
         limit = self._classes[request.route_class].max_prompt_tokens
         if limit is not None:
             request.messages, request.context, request.trimmed = await self._budget.fit(
-                request.engine,
+                (request.engine, *request.fallbacks),
                 limit,
                 request.messages,
                 request.context,
@@ -326,10 +335,14 @@ class Pipeline:
         prompt_sha256, max_tokens, queue_ms (admission), exec_ms (dispatch to end),
         tokens_generated, cache, ok; the server adds request_id, code and error."""
         ok, generated = False, 0
+        admitted: list[Policy] = []
         try:
             for policy in self._policies:
                 await policy.admit(request)
+                admitted.append(policy)
         except BaseException:
+            for policy in reversed(admitted):
+                await policy.abandon(request)
             _log_outcome(request, ok=False)
             raise
         prompt = prompt_text(request.prompt, request.messages)
@@ -383,17 +396,27 @@ def default_policies(
     record_redactions: Callable[[Mapping[str, int]], None] = lambda _counts: None,
     safety: Safety | None = None,
     budget: PromptBudget | None = None,
+    *,
+    authenticate: Policy | None = None,
+    limits: Policy | None = None,
+    routing: Policy | None = None,
+    cache: Policy | None = None,
 ) -> list[Policy]:
-    """The pipeline in order; `redactor` None turns PII redaction off, `safety` None refusals,
-    `budget` None prompt budgets (context passages are still composed)."""
+    """The pipeline in order. None turns a step off: `authenticate` (every caller is
+    anonymous), `limits`, `redactor` (PII redaction), `safety` (refusals), `budget` (prompt
+    budgets; context passages are still composed), `cache`; `routing` None routes each
+    route class to its configured engine."""
+    optional = [authenticate, limits, Redact(redactor, record_redactions) if redactor is not None else None, safety]
     return [
         ValidateInput(route_classes),
-        *([Redact(redactor, record_redactions)] if redactor is not None else []),
-        *([safety] if safety is not None else []),
+        *[p for p in optional if p is not None],
         RouteClassDefaults(route_classes, default_class),
-        StaticRouting(route_classes),
+        routing or StaticRouting(route_classes),
         Budget(route_classes, budget or PromptBudget(_uncounted)),
         MeasureGeneration(recorder),
+        # last: a hit skips every wrap inside it (engine TTFT metrics stay engine-only), and
+        # a miss stores exactly what the client received
+        *([cache] if cache is not None else []),
     ]
 
 

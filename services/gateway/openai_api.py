@@ -28,8 +28,9 @@ from services.common import context
 from services.common.errors import Code, InvalidArgument, ResourceExhausted, ServiceError
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling
 from services.common.interceptors import access_log, incoming_request_id
+from services.gateway.auth import bearer_credentials
 from services.gateway.core import GatewayRequest, Pipeline
-from services.gateway.servicer import bearer_token, client_address
+from services.gateway.servicer import client_address
 
 PREFIX = "/openai/v1"
 _STATUS = {
@@ -208,7 +209,7 @@ class OpenAIApi:
             prompt=None if chat else (body.prompt if isinstance(body.prompt, str) else body.prompt[0]),  # type: ignore[attr-defined]
             messages=tuple(m.message() for m in body.messages) if chat else (),  # type: ignore[attr-defined]
             sampling=body.sampling(),
-            credentials=bearer_token(headers),
+            credentials=bearer_credentials(headers),
             client_address=client_address(headers, _peer(peer), self._trust_xff),
         )
         context.annotate(stream=body.stream, api="openai")

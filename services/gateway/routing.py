@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -51,7 +51,9 @@ from services.common import context
 from services.common.errors import Code, FieldViolation, InvalidArgument, ServiceError, Unavailable
 from services.common.generation import Chunk
 from services.gateway.core import GatewayRequest, Policy
-from services.gateway.settings import RouteClassConfig
+
+if TYPE_CHECKING:  # settings import RoutingConfig from here
+    from services.gateway.settings import RouteClassConfig
 
 # ---------------------------------------------------------------- request hints
 

@@ -13,11 +13,15 @@ from services.common.metrics import GenerationMetrics, RedactionMetrics, SafetyM
 from services.common.server import GrpcServer, Service, create_server
 from services.common.settings import SettingsError, load_settings, service_config_dir
 from services.common.tracing import configure_tracing
+from services.gateway.auth import Authenticate, KeyVerifier, RegistryKeyVerifier
 from services.gateway.backend import InferenceBackend
 from services.gateway.budget import PromptBudget
+from services.gateway.cache import CacheMetrics, EngineIdentities, ResponseCache, create_store
 from services.gateway.core import Pipeline, Safety, default_policies
+from services.gateway.limits import AuthThrottle, LimitMetrics, LimitStore, RateLimit, open_store
 from services.gateway.openai_api import HttpApiServer, OpenAIApi
 from services.gateway.redaction import Redactor
+from services.gateway.routing import ResilientBackend, Router, RoutingMetrics, RuleRouting
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.version import ModelInfo, VersionInfo, build_commit
@@ -25,29 +29,73 @@ from services.gateway.version import ModelInfo, VersionInfo, build_commit
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
+class _Closing:
+    """What to close when the gateway stops: the inference channel, the cache's store, the
+    registry channel of the key verifier."""
+
+    def __init__(self, inference: InferenceBackend, *others: ResponseCache | KeyVerifier | LimitStore | None) -> None:
+        self.inference = inference
+        self._others = [o for o in others if o is not None]
+
+    async def close(self) -> None:
+        for other in self._others:
+            await other.close()
+        await self.inference.close()
+
+
 async def create_gateway_server(
     settings: GatewaySettings, registry: CollectorRegistry | None = None
-) -> tuple[GrpcServer, InferenceBackend, HttpApiServer | None]:
+) -> tuple[GrpcServer, _Closing, HttpApiServer | None]:
     """The gRPC server, its backend, and the OpenAI-compatible HTTP API when configured
     (start it after the gRPC server; stop it first)."""
     registry = registry if registry is not None else new_registry()
-    backend = InferenceBackend(settings.inference_target, settings.default_timeout_s, settings.inference_authority)
+    inference = InferenceBackend(settings.inference_target, settings.default_timeout_s, settings.inference_authority)
     red = settings.redaction
+    redactor = Redactor(red.types, red.phone_regions) if red.enabled else None
+    routing_metrics = RoutingMetrics(registry)
+    router = Router.from_config(settings.routing, routing_metrics)
+    verifier = RegistryKeyVerifier.from_config(settings.auth) if settings.auth.enabled else None
+    limit_metrics = LimitMetrics(registry)
+    limit_store = open_store(settings.limits, limit_metrics)
+    throttle = AuthThrottle(settings.limits, limit_store, limit_metrics)
+    authenticate = None
+    if verifier is not None:
+        authenticate = Authenticate(
+            verifier, settings.default_route_class, on_failure=throttle.failed, before=throttle.check
+        )
+    cache = None
+    if settings.cache.enabled:
+
+        async def engines() -> list[tuple[str, str, str]]:
+            return [(e.name, e.model, e.model_card_sha256) for e in await inference.list_engines()]
+
+        cache = ResponseCache(
+            settings.cache,
+            create_store(settings.cache),
+            EngineIdentities(engines, settings.cache.identity_refresh_s),
+            CacheMetrics(registry),
+            redactor=redactor,
+        )
     policies = default_policies(
         settings.route_classes,
         settings.default_route_class,
         GenerationMetrics(registry),
-        Redactor(red.types, red.phone_regions) if red.enabled else None,
+        redactor,
         RedactionMetrics(registry).redacted,
         Safety(settings.safety.rules(), settings.safety.refusal, SafetyMetrics(registry).refused)
         if settings.safety.enabled
         else None,
-        PromptBudget(backend.count_tokens),
+        PromptBudget(inference.count_tokens),
+        authenticate=authenticate,
+        limits=RateLimit(settings.limits, limit_store, limit_metrics) if settings.limits.enabled else None,
+        routing=RuleRouting(router, settings.route_classes, routing_metrics),
+        cache=cache,
     )
-    pipeline = Pipeline(policies, backend)
+    pipeline = Pipeline(policies, ResilientBackend(inference, router, routing_metrics))
+    backend = _Closing(inference, cache, verifier, limit_store)
 
     async def models() -> list[ModelInfo]:
-        return [ModelInfo(e.name, e.model, e.model_card_sha256) for e in await backend.list_engines()]
+        return [ModelInfo(e.name, e.model, e.model_card_sha256) for e in await inference.list_engines()]
 
     version = VersionInfo(build_commit(settings.build_commit), settings.environment, models)
     servicer = GatewayServicer(

@@ -11,8 +11,10 @@ from servemesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.common import context
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling
 from services.common.interceptors import ENGINE_TTFT_KEY
+from services.gateway.auth import bearer_credentials
 from services.gateway.budget import Passage
 from services.gateway.core import GatewayRequest, Pipeline
+from services.gateway.routing import Quality, RoutingHints
 from services.gateway.version import VersionInfo
 
 _ROLES = {pb.ROLE_SYSTEM: Role.SYSTEM, pb.ROLE_USER: Role.USER, pb.ROLE_ASSISTANT: Role.ASSISTANT}
@@ -26,13 +28,15 @@ def _request(
     trust_forwarded_for: bool,
 ) -> GatewayRequest:
     p = req.params
-    metadata = [(k, v) for k, v in context_.invocation_metadata() or () if isinstance(v, str)]
+    raw = context_.invocation_metadata() or ()
+    metadata = [(k, v) for k, v in raw if isinstance(v, str)]
     return GatewayRequest(
         forward=tuple((k, v) for k, v in metadata if k in forward),
-        credentials=bearer_token(metadata),
+        credentials=bearer_credentials(raw),
         client_address=client_address(metadata, context_.peer(), trust_forwarded_for),
         context=tuple(Passage(c.id, c.text, c.title) for c in req.context),
         allow_trim=req.allow_trim,
+        hints=_hints(req.hints) if req.HasField("hints") else None,
         request_id=context.request_id(),
         route_class=req.route_class,
         prompt=req.prompt or None,
@@ -49,13 +53,15 @@ def _request(
     )
 
 
-def bearer_token(metadata: Iterable[tuple[str, str]]) -> str:
-    """The token of `authorization: Bearer <token>` ("" when absent or another scheme)."""
-    for key, value in metadata:
-        if key == "authorization":
-            scheme, _, token = value.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
-    return ""
+_QUALITY = {pb.QUALITY_STANDARD: Quality.STANDARD, pb.QUALITY_HIGH: Quality.HIGH}
+
+
+def _hints(h: pb.RoutingHints) -> RoutingHints:
+    return RoutingHints(
+        uncertainty=h.uncertainty if h.HasField("uncertainty") else None,
+        quality=_QUALITY.get(h.quality),
+        latency_budget_ms=h.latency_budget_ms if h.HasField("latency_budget_ms") else None,
+    )
 
 
 def client_address(metadata: Iterable[tuple[str, str]], peer: str, trust_forwarded_for: bool) -> str:

@@ -11,7 +11,11 @@ from pydantic_settings import SettingsConfigDict
 
 from services.common.generation import MAX_TOKENS_RANGE, REPETITION_PENALTY_RANGE, TEMPERATURE_RANGE
 from services.common.settings import ServiceSettings
+from services.gateway.auth import AuthConfig
+from services.gateway.cache.config import CacheConfig
+from services.gateway.limits.base import LimitsConfig
 from services.gateway.redaction import PiiType
+from services.gateway.routing import RoutingConfig
 
 
 class DecodingDefaults(BaseModel):
@@ -136,6 +140,10 @@ class GatewaySettings(ServiceSettings):
     default_route_class: str = "chat_short"
     redaction: RedactionConfig = Field(default_factory=RedactionConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     #: reported by GetVersion; "" = read from git at start-up
     build_commit: str = ""
 
@@ -145,4 +153,7 @@ class GatewaySettings(ServiceSettings):
             raise ValueError(
                 f"default_route_class: {self.default_route_class!r} is not one of {sorted(self.route_classes)}"
             )
+        bad = self.routing.route_class_violations(self.route_classes)
+        if bad:
+            raise ValueError("; ".join(bad))
         return self

@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import pytest
 from transformers import AutoTokenizer
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 from services.common.generation import Message, Role, Sampling
 from services.gateway.budget import Passage, PromptBudget, TemplateCost, compose
 from services.gateway.core import Budget, GatewayRequest, ValidateInput
-from services.gateway.servicer import bearer_token, client_address
+from services.gateway.servicer import client_address
 from services.gateway.settings import RouteClassConfig
 
 
@@ -125,10 +125,7 @@ async def test_passages_are_validated_by_index() -> None:
     assert {v.field for v in exc.value.violations} == {"context[1].id", "context[1].text"}
 
 
-def test_the_bearer_token_and_the_client_address_come_from_metadata_the_caller_cannot_forge() -> None:
-    assert bearer_token([("authorization", "Bearer sm_abc")]) == "sm_abc"
-    assert bearer_token([("authorization", "Basic dXNlcg==")]) == ""
-    assert bearer_token([]) == ""
+def test_the_client_address_comes_from_what_the_edge_appended() -> None:
     spoofed = [("x-forwarded-for", "6.6.6.6, 10.0.0.7")]  # the client wrote 6.6.6.6; the edge appended the rest
     assert client_address(spoofed, "unix:/run/gw.sock", trust_forwarded_for=True) == "10.0.0.7"
     assert client_address(spoofed, "ipv4:127.0.0.1:5000", trust_forwarded_for=False) == "127.0.0.1"
@@ -155,3 +152,18 @@ async def test_the_bound_is_an_upper_bound_for_the_real_chat_template(prepared_m
     for conv in conversations:
         exact, upper = await count("e", conv), await bound.bound("e", conv)
         assert exact <= upper, (conv, exact, upper)
+
+
+async def test_tokens_are_counted_on_the_first_engine_that_exists() -> None:
+    tok = Tokenizer()
+
+    async def count(engine: str, messages: Sequence[Message]) -> int:
+        if engine == "missing":
+            raise NotFound("engine 'missing' does not exist")
+        return await tok(engine, messages)
+
+    budget = PromptBudget(count)
+    with pytest.raises(InvalidArgument, match="at most 50"):
+        await budget.fit(("missing", "e"), 50, (_user(60),), (), allow_trim=False)
+    with pytest.raises(NotFound):
+        await budget.fit(("missing",), 50, (_user(60),), (), allow_trim=False)
