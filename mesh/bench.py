@@ -248,7 +248,8 @@ async def run_bench(
     )
     args = VllmArgs(port=ports.vllm, max_num_seqs=max(32, max(levels)))
     engines = local_engines(args, model_dir, small_engine=False)
-    mesh = Mesh(home / "bench", ports, engines, log, vllm_args=args, model_dir=model_dir, mesh=False)
+    # the generation path alone: API keys are the gateway benchmark against LiteLLM's business
+    mesh = Mesh(home / "bench", ports, engines, log, vllm_args=args, model_dir=model_dir, mesh=False, auth=False)
     await mesh.start(vllm_python)
     paths = Paths(
         args.url, args.served_model_name, f"127.0.0.1:{ports.inference}", f"127.0.0.1:{ports.gateway}", max_tokens

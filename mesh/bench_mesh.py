@@ -615,8 +615,9 @@ async def run_mesh_bench(
         **{f.name: free_port() for f in dataclasses.fields(Ports) if f.name != "admin"}, admin=free_port_run(4)
     )
     plain_ports = Ports(**{f.name: free_port() for f in dataclasses.fields(Ports) if f.name != "admin"})
-    meshed = Mesh(base / "mesh", mesh_ports, engines, log, gateway_env=gateway_env)
-    plain = Mesh(base / "no-mesh", plain_ports, engines, log, mesh=False, gateway_env=gateway_env)
+    # what the mesh costs, alone: no API keys on either side
+    meshed = Mesh(base / "mesh", mesh_ports, engines, log, gateway_env=gateway_env, auth=False)
+    plain = Mesh(base / "no-mesh", plain_ports, engines, log, mesh=False, gateway_env=gateway_env, auth=False)
     chain = EchoChain(base / "chain", log, max_tokens)
     clients: Clients | None = None
     channels: list[grpc.aio.Channel] = []

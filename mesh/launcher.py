@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -173,8 +174,11 @@ class Mesh:
         namespace: str = "default",
         policy_path: Path | None = None,
         gateway_env: dict[str, str] | None = None,
+        auth: bool = True,
     ) -> None:
         self.home, self.ports, self.engines, self.mesh = home, ports, engines, mesh
+        #: gateway requests need an API key; `servemesh up` keeps a dev tenant's key for the CLI
+        self.auth = auth
         self.vllm_args, self.model_dir = vllm_args, model_dir
         self.namespace = namespace
         self.gateway_env = gateway_env or {}
@@ -322,6 +326,14 @@ class Mesh:
                 "SERVEMESH_GATEWAY_HTTP_PORT": str(http_port or free_port()),
             }
         )
+        if self.auth:  # keys are verified by the registry, through the sidecar in the mesh
+            upstream |= {
+                "SERVEMESH_GATEWAY_AUTH__ENABLED": "true",
+                "SERVEMESH_GATEWAY_AUTH__REGISTRY_TARGET": f"unix:{outbound}"
+                if self.mesh
+                else f"127.0.0.1:{self.ports.registry}",
+                "SERVEMESH_GATEWAY_AUTH__REGISTRY_AUTHORITY": "registry" if self.mesh else "",
+            }
         await self._run(
             self._service(
                 deployment,
@@ -339,6 +351,47 @@ class Mesh:
         if self._state_written:
             self.state().write(self.home)
 
+    @property
+    def dev_key_path(self) -> Path:
+        """The dev tenant's API key, kept 0600 for the CLI and the tour (never a production key)."""
+        return self.home / "secrets" / ("dev-api-key" if self.mesh else "dev-api-key-no-mesh")
+
+    async def _ensure_dev_key(self) -> None:
+        """A tenant "dev" with an enterprise key for every route class, created once per registry."""
+        path = self.dev_key_path
+        async with self.channel("registry") as channel:
+            stub = registry_pb2_grpc.RegistryServiceStub(channel)
+            if path.exists():
+                try:
+                    await stub.VerifyApiKey(
+                        registry_pb2.VerifyApiKeyRequest(secret=path.read_text().strip()), timeout=10
+                    )
+                    return
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+            try:
+                await stub.CreateTenant(
+                    registry_pb2.CreateTenantRequest(
+                        tenant=registry_pb2.Tenant(name="tenants/dev", display_name="local development"),
+                        reason=SEED_REASON,
+                    ),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+            created = await stub.CreateApiKey(
+                registry_pb2.CreateApiKeyRequest(
+                    parent="tenants/dev",
+                    api_key=registry_pb2.ApiKey(display_name="servemesh up", tier=registry_pb2.ApiKey.TIER_ENTERPRISE),
+                    reason=SEED_REASON,
+                ),
+                timeout=10,
+            )
+        _write_private(path, created.secret)
+        self._log(f"created the dev tenant's API key in {path}")
+
     def state(self) -> MeshState:
         p = self.ports
         if not self.mesh:
@@ -347,12 +400,14 @@ class Mesh:
                 gateway=f"127.0.0.1:{p.gateway}",
                 registry=f"127.0.0.1:{p.registry}",
                 openai=f"http://127.0.0.1:{p.gateway_http}/openai/v1",
+                api_key_file=str(self.dev_key_path) if self.auth else "",
             )
         return MeshState(
             mesh=True,
             gateway=f"127.0.0.1:{p.edge}",
             registry=f"127.0.0.1:{p.registry_inbound}",
             openai=f"https://127.0.0.1:{p.edge}/openai/v1",
+            api_key_file=str(self.dev_key_path) if self.auth else "",
             control_plane=f"127.0.0.1:{p.control_plane}",
             certs_dir=str(self.certs_dir),
             namespace=self.namespace,
@@ -390,6 +445,7 @@ class Mesh:
                 # each mode keeps its own registry, so switching never leaves stale endpoints
                 SERVEMESH_REGISTRY_DATA_DIR=str(self.home / ("registry" if self.mesh else "registry-no-mesh")),
                 SERVEMESH_REGISTRY_TRUST_FORWARDED_IDENTITY=str(self.mesh).lower(),
+                SERVEMESH_REGISTRY_API_KEY_PEPPER=_secret_file(self.home / "secrets" / "api-key-pepper"),
             )
         )
         if self.mesh:
@@ -406,6 +462,20 @@ class Mesh:
                     SERVEMESH_CONTROL_PLANE_CERTS_DIR=str(self.certs_dir),
                     SERVEMESH_CONTROL_PLANE_NAMESPACE=self.namespace,
                 )
+            )
+        if self.mesh:  # so sidecars get a route to it: the gateway verifies API keys there
+            await self.register(
+                registry_pb2.Deployment(
+                    name="deployments/registry",
+                    service="registry",
+                    version="stable",
+                    endpoint=f"127.0.0.1:{p.registry_inbound}",
+                ),
+                registry_pb2.Route(
+                    name="routes/registry",
+                    service="registry",
+                    backends=[registry_pb2.WeightedBackend(deployment="deployments/registry", weight=100)],
+                ),
             )
         engine = str(self.engines[0]["id"]) if self.engines else ""
         model = str(self.engines[0].get("model", "")) if self.engines else ""
@@ -438,6 +508,8 @@ class Mesh:
                 header_overrides=[],
             ),
         )
+        if self.auth:
+            await self._ensure_dev_key()
         await self.start_inference(
             "inference-stable", p.inference, p.inference_metrics, p.inference_inbound, p.admin + 2
         )
@@ -477,6 +549,22 @@ def local_engines(vllm_args: VllmArgs, model_dir: Path, small_engine: bool) -> l
     return engines
 
 
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _secret_file(path: Path) -> str:
+    """The random secret kept in `path` (0600), made on first use."""
+    if not path.exists():
+        _write_private(path, secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
     lines = [f"\nservemesh is up (logs in {home / 'logs'}):"]
     if mesh_mode:
@@ -492,7 +580,9 @@ def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
             f"  OpenAI API  http://127.0.0.1:{p.gateway_http}/openai/v1  (plaintext: --no-mesh)",
             f"  registry    127.0.0.1:{p.registry}  (gRPC, plaintext)",
         ]
+    key = home / "secrets" / ("dev-api-key" if mesh_mode else "dev-api-key-no-mesh")
     lines += [
+        f"  API key     {key}  (tenant dev; the CLI sends it; `servemesh keys create` for more)",
         f"  vLLM        {vllm_args.url}  (OpenAI-compatible, internal)",
         f"  metrics     http://127.0.0.1:{p.gateway_metrics}/metrics  http://127.0.0.1:{p.inference_metrics}/metrics",
         'try: servemesh generate "Write a haiku about meshes"    (Ctrl-C stops everything)',

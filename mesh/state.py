@@ -27,6 +27,8 @@ class MeshState:
     registry: str
     #: base URL of the gateway's OpenAI-compatible API (through the edge in mesh mode)
     openai: str = ""
+    #: the dev tenant's API key (a 0600 file) that gateway channels send; "" = auth is off
+    api_key_file: str = ""
     #: the control plane (mTLS), mesh mode only
     control_plane: str = ""
     #: the local CA's directory, mesh mode only
@@ -57,8 +59,9 @@ class MeshState:
     def channel(self, service: str, identity: str = "cli") -> grpc.aio.Channel:
         """A channel to "gateway", "registry" or "control-plane", as `identity` in mesh mode."""
         target = {"gateway": self.gateway, "registry": self.registry, "control-plane": self.control_plane}[service]
+        bearer = [BearerToken(self.api_key())] if service == "gateway" and self.api_key_file else []
         if not self.mesh:
-            return insecure_channel(target)
+            return insecure_channel(target, interceptors=bearer)
         ident = certs.identity(Path(self.certs_dir), identity, self.namespace)
         if service == "gateway":  # the edge: server-side TLS only, like any external client
             creds = grpc.ssl_channel_credentials(root_certificates=Path(ident.ca_path).read_bytes())
@@ -66,5 +69,30 @@ class MeshState:
         else:
             creds, name = certs.channel_credentials(ident), service
         return grpc.aio.secure_channel(
-            target, creds, options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)]
+            target, creds, options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)], interceptors=bearer
         )
+
+    def api_key(self) -> str:
+        return Path(self.api_key_file).read_text().strip() if self.api_key_file else ""
+
+
+class BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    """Sends `authorization: Bearer <key>` on every call of a channel."""
+
+    def __init__(self, key: str) -> None:
+        self._entry = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        return grpc.aio.ClientCallDetails(
+            method=details.method,
+            timeout=details.timeout,
+            metadata=grpc.aio.Metadata(*(details.metadata or ()), self._entry),
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        )
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_key(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(self._with_key(details), request)

@@ -788,6 +788,9 @@ def _action(backends: Sequence[tuple[str, int]], spec: RouteSpec, idempotent: bo
     return action
 
 
+IDEMPOTENT_METHODS_PER_ROUTE = 4
+
+
 def _idempotent_regex(prefix: str, methods: Sequence[str]) -> str | None:
     short = [m for m in methods if not m.startswith("/")]
     full = [m for m in methods if m.startswith("/") and m.startswith(prefix)]
@@ -841,12 +844,17 @@ def _service_routes(svc: ServiceRoutes, prefixes: Sequence[str]) -> list[Json]:
     for name, headers, backends, spec in logical:
         for prefix in prefixes:
             label = f"{svc.service}/{name}" + (f"{prefix}" if prefix != "/" else "")
-            regex = _idempotent_regex(prefix, spec.idempotent_methods)
-            if regex is not None:
+            # a few methods per regex: Envoy refuses a regex whose RE2 program is over 100
+            methods = list(spec.idempotent_methods)
+            for i in range(0, len(methods), IDEMPOTENT_METHODS_PER_ROUTE):
+                regex = _idempotent_regex(prefix, methods[i : i + IDEMPOTENT_METHODS_PER_ROUTE])
+                if regex is None:
+                    continue
                 match: Json = {"safe_regex": {"regex": regex}}
                 if headers:
                     match["headers"] = headers
-                routes.append({"name": f"{label}/idempotent", "match": match, "route": _action(backends, spec, True)})
+                name = f"{label}/idempotent" + (f"-{i // IDEMPOTENT_METHODS_PER_ROUTE}" if i else "")
+                routes.append({"name": name, "match": match, "route": _action(backends, spec, True)})
             match = {"prefix": prefix}
             if headers:
                 match["headers"] = headers

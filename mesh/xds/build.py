@@ -25,7 +25,18 @@ from mesh.xds.snapshot import NodeInfo, Snapshot
 IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
     "inference": ("Tokenize", "ListEngines", "GetEngine"),
     "gateway": ("GetVersion",),
-    "registry": ("GetDeployment", "ListDeployments", "GetRoute", "ListRoutes", "ListAuditEntries"),
+    "registry": (
+        "GetDeployment",
+        "ListDeployments",
+        "GetRoute",
+        "ListRoutes",
+        "ListAuditEntries",
+        "GetTenant",
+        "ListTenants",
+        "GetApiKey",
+        "ListApiKeys",
+        "VerifyApiKey",
+    ),
 }
 #: services the edge exposes, with their gRPC services
 EDGE_SERVICES = {"gateway": (gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,)}

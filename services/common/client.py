@@ -43,12 +43,14 @@ def insecure_channel(
     *,
     options: Sequence[tuple[str, Any]] = (),
     tracer_provider: TracerProvider | None = None,
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
-    """A plaintext channel (mTLS comes from the mesh sidecar); `options` override CHANNEL_OPTIONS."""
+    """A plaintext channel (mTLS comes from the mesh sidecar); `options` override CHANNEL_OPTIONS;
+    `interceptors` run after the standard ones."""
     return grpc.aio.insecure_channel(
         target,
         options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()),
-        interceptors=[*client_interceptors(), *tracing.client_interceptors(tracer_provider)],
+        interceptors=[*client_interceptors(), *tracing.client_interceptors(tracer_provider), *interceptors],
     )
 
 

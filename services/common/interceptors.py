@@ -161,8 +161,8 @@ class _Context:
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()) -> NoReturn:
         if not self._metadata_sent:
-            try:
-                await self.send_initial_metadata(())
+            try:  # retry-after in the headers too: Envoy's transcoder makes HTTP headers of those
+                await self.send_initial_metadata(tuple((k, v) for k, v in trailing_metadata if k == RETRY_AFTER_KEY))
             except (grpc.aio.UsageError, grpc.aio.InternalError):  # call already over; trailers carry the id
                 _log.debug("could not send initial metadata before the status", exc_info=True)
         trailers = tuple(trailing_metadata)

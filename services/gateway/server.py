@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 from prometheus_client import CollectorRegistry
@@ -26,6 +27,7 @@ from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.version import ModelInfo, VersionInfo, build_commit
 
+_log = logging.getLogger(__name__)
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
@@ -54,6 +56,8 @@ async def create_gateway_server(
     redactor = Redactor(red.types, red.phone_regions) if red.enabled else None
     routing_metrics = RoutingMetrics(registry)
     router = Router.from_config(settings.routing, routing_metrics)
+    for problem in settings.routing.route_class_violations(settings.route_classes):
+        _log.warning("routing rule never matches: %s", problem)
     verifier = RegistryKeyVerifier.from_config(settings.auth) if settings.auth.enabled else None
     limit_metrics = LimitMetrics(registry)
     limit_store = open_store(settings.limits, limit_metrics)

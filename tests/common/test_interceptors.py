@@ -213,6 +213,7 @@ async def test_resource_exhausted_has_quota_failure_and_a_whole_second_retry_aft
     assert [(v.subject, v.description) for v in quota.violations] == [("key:k1", "60 requests per minute")]
     assert detail(status, error_details_pb2.RetryInfo).retry_delay.ToTimedelta().total_seconds() == 0.2
     assert dict(err.value.trailing_metadata())["retry-after"] == "1"  # rounded up, never 0
+    assert dict(err.value.initial_metadata())["retry-after"] == "1"  # what Envoy turns into Retry-After
 
 
 async def test_error_mid_stream_after_messages(make_server, channel_to):

@@ -40,7 +40,16 @@ def _small_mesh(home: Path, prepared_model, *, mesh: bool) -> Mesh:
     )
     engines = [{"id": "small", "kind": "small", "model": card.model_id, "model_dir": str(model_dir)}]
     classes = {"chat_short": {"engine": "small", "default_max_tokens": 64, "max_tokens_limit": 256}}
-    gateway_env = {"SERVEMESH_GATEWAY_ROUTE_CLASSES": json.dumps(classes)}
+    roles = {"primary": "small", "lowlat": "small", "best": "small", "small": "small"}
+    tiers = {  # a free tier small enough to hit in a test
+        "free": {"requests_per_minute": 3, "tokens_per_minute": 100_000, "concurrent_requests": 2},
+        "enterprise": {"requests_per_minute": 10_000, "tokens_per_minute": 10_000_000, "concurrent_requests": 64},
+    }
+    gateway_env = {
+        "SERVEMESH_GATEWAY_ROUTE_CLASSES": json.dumps(classes),
+        "SERVEMESH_GATEWAY_ROUTING__ROLES": json.dumps(roles),
+        "SERVEMESH_GATEWAY_LIMITS__TIERS": json.dumps(tiers),
+    }
     return Mesh(home, ports, engines, lambda _msg: None, gateway_env=gateway_env, mesh=mesh)
 
 
@@ -60,6 +69,11 @@ def _ca(m: Mesh) -> str:
 
 def _edge(m: Mesh) -> str:
     return f"https://127.0.0.1:{m.ports.edge}"
+
+
+def _key(m: Mesh) -> dict[str, str]:
+    """The dev tenant's key the mesh made at start-up, as an HTTP header."""
+    return {"authorization": f"Bearer {m.state().api_key()}"}
 
 
 async def _route(m: Mesh, name: str) -> rpb.Route:
@@ -101,7 +115,7 @@ async def _who(stub: gpb_grpc.GatewayServiceStub, metadata: tuple[tuple[str, str
 
 async def test_rest_through_the_edge(mesh: Mesh) -> None:
     async with httpx.AsyncClient(
-        base_url=_edge(mesh), verify=ssl.create_default_context(cafile=_ca(mesh)), timeout=60
+        base_url=_edge(mesh), verify=ssl.create_default_context(cafile=_ca(mesh)), timeout=60, headers=_key(mesh)
     ) as http:
         body = {"prompt": "Say hi", "params": {"maxTokens": 4, "temperature": 0}}
         resp = await http.post("/v1/generate", json=body)
@@ -109,7 +123,12 @@ async def test_rest_through_the_edge(mesh: Mesh) -> None:
         unary = resp.json()
         assert unary["usage"]["completionTokens"] >= 1 and unary["engine"] == "engines/small"
 
-        async with http.stream("POST", "/v1/generate:stream", json=body) as stream:
+        again = (await http.post("/v1/generate", json=body)).json()
+        assert again["cached"] is True and again["text"] == unary["text"] and "cached" not in unary
+
+        # a seed (ignored by greedy decoding) keeps the cache out of the way of streaming
+        seeded = body | {"params": body["params"] | {"seed": 7}}
+        async with http.stream("POST", "/v1/generate:stream", json=seeded) as stream:
             assert stream.headers["content-type"].startswith("text/event-stream")
             events = [json.loads(line[5:]) async for line in stream.aiter_lines() if line.startswith("data:")]
         assert len(events) >= 2 and events[-1]["finishReason"] == "FINISH_REASON_LENGTH"
@@ -124,17 +143,51 @@ async def test_rest_through_the_edge(mesh: Mesh) -> None:
 
 async def test_openai_sdk_through_the_edge(mesh: Mesh) -> None:
     http = httpx.AsyncClient(verify=ssl.create_default_context(cafile=_ca(mesh)), timeout=60)
-    client = openai.AsyncOpenAI(base_url=f"{_edge(mesh)}/openai/v1", api_key="unused", http_client=http, max_retries=0)
+    client = openai.AsyncOpenAI(
+        base_url=f"{_edge(mesh)}/openai/v1", api_key=mesh.state().api_key(), http_client=http, max_retries=0
+    )
     async with client:
         ask = {"model": "chat_short", "messages": [{"role": "user", "content": "Say hi"}], "temperature": 0}
         whole = await client.chat.completions.create(**ask, max_tokens=4)
         assert whole.choices[0].finish_reason == "length" and whole.usage and whole.usage.completion_tokens == 4
-        stream = await client.chat.completions.create(**ask, max_tokens=4, stream=True)
+        stream = await client.chat.completions.create(**ask, max_tokens=4, stream=True, seed=8)  # not cached
         deltas = [c.choices[0].delta.content or "" async for c in stream]
         assert len(deltas) >= 2 and "".join(deltas) == whole.choices[0].message.content
         assert [m.id async for m in client.models.list()] == ["chat_short"]
         with pytest.raises(openai.BadRequestError):
             await client.chat.completions.create(**ask | {"temperature": 9})
+
+
+async def _new_key(m: Mesh, tier: int, route_classes: list[str]) -> str:
+    async with m.channel("registry") as ch:
+        created = await rpb_grpc.RegistryServiceStub(ch).CreateApiKey(
+            rpb.CreateApiKeyRequest(
+                parent="tenants/dev", api_key=rpb.ApiKey(tier=tier, route_classes=route_classes), reason="test"
+            )
+        )
+    return created.secret
+
+
+async def test_keys_through_the_edge_401_403_429_with_retry_after(mesh: Mesh) -> None:
+    body = {"prompt": "Say hi", "params": {"maxTokens": 2, "temperature": 0}}
+    free = await _new_key(mesh, rpb.ApiKey.TIER_FREE, ["chat_short"])
+    code_only = await _new_key(mesh, rpb.ApiKey.TIER_FREE, ["code"])
+    async with httpx.AsyncClient(
+        base_url=_edge(mesh), verify=ssl.create_default_context(cafile=_ca(mesh)), timeout=60
+    ) as http:
+        missing = await http.post("/v1/generate", json=body)
+        assert missing.status_code == 401 and "API key" in missing.json()["message"]
+        wrong = await http.post("/v1/generate", json=body, headers={"authorization": "Bearer sm_nope_nope"})
+        assert wrong.status_code == 401
+        denied = await http.post("/v1/generate", json=body, headers={"authorization": f"Bearer {code_only}"})
+        assert denied.status_code == 403
+        # a header naming another tenant changes nothing: the key alone decides
+        spoof = {"authorization": f"Bearer {free}", "x-tenant": "acme", "x-servemesh-tenant": "acme"}
+        codes = [(await http.post("/v1/generate", json=body, headers=spoof)).status_code for _ in range(4)]
+        assert codes == [200, 200, 200, 429]  # the free tier here: 3 requests per minute per key
+        limited = await http.post("/v1/generate", json=body, headers=spoof)
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert "per minute" in limited.json()["message"]
 
 
 async def test_typed_stub_through_the_edge(mesh: Mesh) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from mesh import certs
 from mesh.envoy import config as envoy
 from mesh.envoy.process import EnvoyProcess
 from mesh.xds.ads import AdsServer, XdsMetrics
+from mesh.xds.build import IDEMPOTENT_METHODS
 from mesh.xds.server import ADS_SERVICE, STATUS_SERVICE, ControlPlaneSettings
 from mesh.xds.snapshot import CLUSTER, ROUTE, InconsistentSnapshot, Snapshot, SnapshotCache
 from services.common.metrics import new_registry
@@ -186,3 +188,20 @@ async def test_a_peer_cannot_speak_for_another_service(plane, tmp_path: Path) ->
             await call.read()
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert ads.node_status(NODE).connected  # the real sidecar's stream is untouched
+
+
+def test_many_idempotent_methods_are_split_over_routes_envoy_accepts(tmp_path) -> None:
+    """Envoy refuses a regex whose RE2 program is over 100: the registry's ten read-only
+    methods in one alternation was refused (NACK) and left the sidecar without routes."""
+    methods = IDEMPOTENT_METHODS["registry"]
+    assert len(methods) > envoy.IDEMPOTENT_METHODS_PER_ROUTE
+    spec = envoy.RouteSpec(backends=[("d.registry", 100)], idempotent_methods=methods)
+    rc = envoy.route_configuration("outbound", [envoy.ServiceRoutes("registry", [spec])])
+    routes = rc["virtual_hosts"][0]["routes"]
+    regexes = [r["match"]["safe_regex"]["regex"] for r in routes if "safe_regex" in r["match"]]
+    assert len(regexes) == -(-len(methods) // envoy.IDEMPOTENT_METHODS_PER_ROUTE)
+    covered = [
+        m for m in methods if any(re.fullmatch(r, f"/servemesh.registry.v1.RegistryService/{m}") for r in regexes)
+    ]
+    assert covered == list(methods)
+    assert len({r["name"] for r in routes}) == len(routes)
