@@ -193,6 +193,45 @@ class Redact(Policy):
             self._record({t.value: n for t, n in redaction.counts.items()})
 
 
+class RedactOutput(Policy):
+    """PII the model writes becomes typed placeholders too (off by default). Text is held back
+    until HOLD characters follow it, so a value split over chunks is still caught whole: the
+    values this redactor finds (emails, cards, IBANs, phones, ids, IPs) fit in that window,
+    except an email or secret longer than it. The first text reaches the client that much
+    later; the rest is flushed with the final chunk."""
+
+    name = "redact_output"
+    HOLD = 64
+
+    def __init__(self, redactor: Redactor, record: Callable[[Mapping[str, int]], None]) -> None:
+        self._redactor = redactor
+        self._record = record
+
+    def wrap(self, request: GatewayRequest, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
+        async def redacted() -> AsyncIterator[Chunk]:
+            redaction, held = Redaction(self._redactor), ""
+            try:
+                async for chunk in stream:
+                    held += chunk.text
+                    if chunk.finish_reason is not None:
+                        yield dataclasses.replace(chunk, text=redaction(held))
+                        held = ""
+                        continue
+                    cut = len(held) - self.HOLD
+                    for span in self._redactor.find(held) if cut > 0 else ():
+                        if span.start < cut < span.end:  # never split a value
+                            cut = span.start
+                            break
+                    if cut > 0:
+                        out, held = held[:cut], held[cut:]
+                        yield dataclasses.replace(chunk, text=redaction(out))
+            finally:
+                if redaction.counts:
+                    self._record({t.value: n for t, n in redaction.counts.items()})
+
+        return redacted()
+
+
 class Safety(Policy):
     """A request whose user turns match a refusal rule gets the fixed refusal string, and no
     engine sees it. Rules are (topic, pattern) pairs, checked in order; refusals are
@@ -401,11 +440,12 @@ def default_policies(
     limits: Policy | None = None,
     routing: Policy | None = None,
     cache: Policy | None = None,
+    redact_output: bool = False,
 ) -> list[Policy]:
     """The pipeline in order. None turns a step off: `authenticate` (every caller is
     anonymous), `limits`, `redactor` (PII redaction), `safety` (refusals), `budget` (prompt
     budgets; context passages are still composed), `cache`; `routing` None routes each
-    route class to its configured engine."""
+    route class to its configured engine. `redact_output` redacts what engines write too."""
     optional = [authenticate, limits, Redact(redactor, record_redactions) if redactor is not None else None, safety]
     return [
         ValidateInput(route_classes),
@@ -413,6 +453,7 @@ def default_policies(
         RouteClassDefaults(route_classes, default_class),
         routing or StaticRouting(route_classes),
         Budget(route_classes, budget or PromptBudget(_uncounted)),
+        *([RedactOutput(redactor, record_redactions)] if redact_output and redactor is not None else []),
         MeasureGeneration(recorder),
         # last: a hit skips every wrap inside it (engine TTFT metrics stay engine-only), and
         # a miss stores exactly what the client received

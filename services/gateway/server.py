@@ -94,6 +94,7 @@ async def create_gateway_server(
         limits=RateLimit(settings.limits, limit_store, limit_metrics) if settings.limits.enabled else None,
         routing=RuleRouting(router, settings.route_classes, routing_metrics),
         cache=cache,
+        redact_output=red.outputs,
     )
     pipeline = Pipeline(policies, ResilientBackend(inference, router, routing_metrics))
     backend = _Closing(inference, cache, verifier, limit_store)

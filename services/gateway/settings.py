@@ -81,6 +81,8 @@ class RedactionConfig(BaseModel):
     types: tuple[PiiType, ...] = tuple(PiiType)
     #: regions whose national phone formats count (numbers written with + always do)
     phone_regions: tuple[str, ...] = ("US", "GB")
+    #: also redact what engines write (each answer's first text then waits for 64 characters)
+    outputs: bool = False
 
 
 def _default_refusal_topics() -> dict[str, tuple[str, ...]]:

@@ -197,3 +197,30 @@ async def test_a_refused_request_gets_the_refusal_string_and_never_reaches_an_en
 def test_safety_settings_name_a_pattern_that_does_not_compile() -> None:
     with pytest.raises(ValueError, match=r"topics\.fraud\[1\]: not a regular expression"):
         SafetyConfig(topics={"fraud": ("ok", "(unclosed")})
+
+
+class _Says:
+    """A backend whose answer comes in the given pieces."""
+
+    def __init__(self, pieces: list[str]) -> None:
+        self.pieces = pieces
+
+    async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
+        for p in self.pieces:
+            yield Chunk(p)
+        yield Chunk("", FinishReason.STOP, Usage(1, len(self.pieces)))
+
+
+async def test_output_redaction_catches_values_split_over_chunks_and_keeps_streaming() -> None:
+    counted: list[dict[str, int]] = []
+    filler = "The support team can be reached any day of the week, " * 3
+    pieces = [filler, "write to ja", "ne@exam", "ple.com or call card 4111 11", "11 1111 1111 today.", " Bye."]
+    policies = default_policies(CLASSES, "chat_short", _NoMetrics(), Redactor(), counted.append, redact_output=True)
+    out = [c async for c in Pipeline(policies, _Says(pieces)).stream(_req(prompt="contact?"))]
+    text = "".join(c.text for c in out)
+    assert text == filler + "write to [EMAIL_1] or call card [CARD_1] today. Bye."
+    assert len([c for c in out if c.text]) >= 2  # still streamed, not one buffered answer
+    assert out[-1].finish_reason is FinishReason.STOP and counted[-1] == {"EMAIL": 1, "CARD": 1}
+    plain = default_policies(CLASSES, "chat_short", _NoMetrics(), Redactor())  # outputs off by default
+    out = [c async for c in Pipeline(plain, _Says(pieces)).stream(_req(prompt="contact?"))]
+    assert "jane@example.com" in "".join(c.text for c in out)
