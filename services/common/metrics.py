@@ -100,6 +100,30 @@ class RedactionMetrics:
             self.redactions.labels(kind).inc(n)
 
 
+class PolicyMetrics:
+    """Requests a gateway policy refused, by policy and code, and prompts trimmed to budget."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refusals = Counter(
+            "servemesh_gateway_policy_refusals_total",
+            "Requests refused before dispatch, by the policy that refused them and the status code.",
+            ["policy", "code"],
+            registry=registry,
+        )
+        self.trims = Counter(
+            "servemesh_gateway_prompt_trims_total",
+            "Requests whose prompt was trimmed to the route class's budget (allow_trim).",
+            ["route_class"],
+            registry=registry,
+        )
+
+    def refused(self, policy: str, code: str) -> None:
+        self.refusals.labels(policy, code).inc()
+
+    def trimmed(self, route_class: str) -> None:
+        self.trims.labels(route_class).inc()
+
+
 class SafetyMetrics:
     """Requests refused by the safety policy, by topic (the configured set)."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from services.common import context
-from services.common.errors import FieldViolation
+from services.common.errors import FieldViolation, ServiceError
 from services.common.generation import (
     MAX_PROMPT_CHARS,
     Chunk,
@@ -362,10 +362,19 @@ class MeasureGeneration(Policy):
         return measured()
 
 
+class DecisionRecorder(Protocol):
+    def refused(self, policy: str, code: str) -> None: ...
+
+    def trimmed(self, route_class: str) -> None: ...
+
+
 class Pipeline:
-    def __init__(self, policies: Sequence[Policy], backend: Backend) -> None:
+    """`decisions` counts which policy refused a request (and with what code) and trims."""
+
+    def __init__(self, policies: Sequence[Policy], backend: Backend, decisions: DecisionRecorder | None = None) -> None:
         self._policies = list(policies)
         self._backend = backend
+        self._decisions = decisions
 
     async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
         """Admit through every policy, then relay the backend's chunks through their wraps.
@@ -379,11 +388,15 @@ class Pipeline:
             for policy in self._policies:
                 await policy.admit(request)
                 admitted.append(policy)
-        except BaseException:
+        except BaseException as exc:
             for policy in reversed(admitted):
                 await policy.abandon(request)
+            if self._decisions is not None and isinstance(exc, ServiceError):
+                self._decisions.refused(self._policies[len(admitted)].name, exc.code.value)
             _log_outcome(request, ok=False)
             raise
+        if self._decisions is not None and request.trimmed is not None:
+            self._decisions.trimmed(request.route_class)
         prompt = prompt_text(request.prompt, request.messages)
         dispatched = time.perf_counter()
         context.annotate(

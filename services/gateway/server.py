@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from servemesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from services.common.logging import configure_logging
-from services.common.metrics import GenerationMetrics, RedactionMetrics, SafetyMetrics, new_registry
+from services.common.metrics import GenerationMetrics, PolicyMetrics, RedactionMetrics, SafetyMetrics, new_registry
 from services.common.server import GrpcServer, Service, create_server
 from services.common.settings import SettingsError, load_settings, service_config_dir
 from services.common.tracing import configure_tracing
@@ -96,7 +96,7 @@ async def create_gateway_server(
         cache=cache,
         redact_output=red.outputs,
     )
-    pipeline = Pipeline(policies, ResilientBackend(inference, router, routing_metrics))
+    pipeline = Pipeline(policies, ResilientBackend(inference, router, routing_metrics), PolicyMetrics(registry))
     backend = _Closing(inference, cache, verifier, limit_store)
 
     async def models() -> list[ModelInfo]:

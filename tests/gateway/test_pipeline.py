@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from services.common.errors import InvalidArgument
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling, Usage
+from services.common.metrics import PolicyMetrics
 from services.gateway.core import (
     GatewayRequest,
     Pipeline,
@@ -224,3 +226,17 @@ async def test_output_redaction_catches_values_split_over_chunks_and_keeps_strea
     plain = default_policies(CLASSES, "chat_short", _NoMetrics(), Redactor())  # outputs off by default
     out = [c async for c in Pipeline(plain, _Says(pieces)).stream(_req(prompt="contact?"))]
     assert "jane@example.com" in "".join(c.text for c in out)
+
+
+async def test_refusals_are_counted_by_the_policy_that_refused_and_its_code() -> None:
+    registry = CollectorRegistry()
+    pipeline = Pipeline(
+        default_policies(CLASSES, "chat_short", _NoMetrics(), None), _Backend(), PolicyMetrics(registry)
+    )
+    with pytest.raises(InvalidArgument):
+        [c async for c in pipeline.stream(_req(route_class="nope"))]
+    [c async for c in pipeline.stream(_req())]
+    value = registry.get_sample_value(
+        "servemesh_gateway_policy_refusals_total", {"policy": "validate", "code": "INVALID_ARGUMENT"}
+    )
+    assert value == 1.0
