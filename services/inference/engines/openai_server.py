@@ -140,8 +140,8 @@ class OpenAIServerEngine(Engine):
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
+                    if data == "[DONE]":  # read on to the end of the body: the connection stays pooled
+                        continue
                     event = json.loads(data)
                     if "error" in event:
                         raise Unavailable(f"engine {self.id} failed mid-stream: {event['error']}")
