@@ -172,21 +172,101 @@ def version(target: Target = "") -> None:
     _run_rpc(run())
 
 
-@app.command()
+bench_app = typer.Typer()
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback(invoke_without_command=True)
 def bench(
+    ctx: typer.Context,
     home: Home = None,
     concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,4,8,16",
     requests_per_level: Annotated[int, typer.Option(help="Requests per path and level (at least 2x the level).")] = 12,
     max_tokens: Annotated[int, typer.Option(help="Tokens generated per request.")] = 64,
     rounds: Annotated[int, typer.Option(help="Interleaved rounds over all paths and levels.")] = 2,
 ) -> None:
-    """TTFT, inter-token latency and tokens/s: direct to vLLM vs through inference vs through gateway."""
+    """TTFT, inter-token latency and tokens/s: direct to vLLM vs through inference vs through gateway.
+
+    `servemesh bench litellm`: the gateway against LiteLLM proxy.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from mesh.bench import run_bench
 
     levels = [int(x) for x in concurrency.split(",") if x.strip()]
     asyncio.run(
         run_bench(home or servemesh_home(), levels, requests_per_level, max_tokens, rounds, _prepare, err.print)
     )
+
+
+@bench_app.command("litellm")
+def bench_litellm(
+    home: Home = None,
+    duration: Annotated[float, typer.Option(help="Seconds of closed-loop load per cell (after the warm-up).")] = 5.0,
+    warmup: Annotated[float, typer.Option(help="Seconds of warm-up load before each cell.")] = 1.0,
+    concurrency: Annotated[str, typer.Option(help="Comma-separated concurrency levels.")] = "1,16,64",
+    upstream: Annotated[str, typer.Option(help="fast (20 ms stand-in), vllm, or both (fast first).")] = "both",
+    servemesh: Annotated[
+        str, typer.Option(help="both, mesh (edge Envoy + sidecars) or no-mesh (the gateway alone).")
+    ] = "both",
+    rounds: Annotated[int, typer.Option(help="Rounds over all cells (merged).")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of every request.")] = 4,
+    delay_ms: Annotated[float, typer.Option(help="The fast upstream's delay before answering.")] = 20.0,
+    api_key: Annotated[str, typer.Option(help="Bearer key for servemesh (when its auth is on).")] = "",
+    gateway_env: Annotated[
+        list[str] | None, typer.Option(help="KEY=VALUE for servemesh's gateway (SERVEMESH_GATEWAY_*); repeatable.")
+    ] = None,
+    litellm: Annotated[
+        str,
+        typer.Option(
+            help="both, filter (its content filter masking what servemesh redacts, blocking what it refuses) "
+            "or bare (master key only)."
+        ),
+    ] = "both",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """servemesh's gateway against LiteLLM proxy: added latency, requests/s per core, first chunk.
+
+    Installs LiteLLM in its own venv on first use, starts everything on free loopback ports, prints rich tables,
+    stops everything, exits 1 if a judged target (fast upstream, no-mesh) was missed.
+    """
+    from mesh.bench_litellm import FAST, LITELLM, LITELLM_BARE, MESH, NO_MESH, VLLM, run_litellm_bench
+
+    levels = [int(x) for x in concurrency.split(",") if x.strip()]
+    ups = {"fast": [FAST], "vllm": [VLLM], "both": [FAST, VLLM]}.get(upstream)
+    paths = {"both": [NO_MESH, MESH], "mesh": [MESH], "no-mesh": [NO_MESH]}.get(servemesh)
+    lite = {"both": [LITELLM, LITELLM_BARE], "filter": [LITELLM], "bare": [LITELLM_BARE]}.get(litellm)
+    env = dict(kv.split("=", 1) for kv in gateway_env or [] if "=" in kv)
+    if not levels or min(levels) < 1 or ups is None or paths is None or lite is None or rounds < 1 or duration <= 0:
+        raise typer.BadParameter(
+            "see --help: levels >= 1, upstream fast|vllm|both, servemesh both|mesh|no-mesh, litellm both|filter|bare"
+        )
+    if len(env) != len(gateway_env or []) or not all(k.startswith("SERVEMESH_GATEWAY_") for k in env):
+        raise typer.BadParameter("--gateway-env takes SERVEMESH_GATEWAY_<KEY>=VALUE")
+    try:
+        met = asyncio.run(
+            run_litellm_bench(
+                home or servemesh_home(),
+                levels=levels,
+                upstreams=ups,
+                servemesh_paths=paths,
+                seconds=duration,
+                warmup_s=warmup,
+                rounds=rounds,
+                max_tokens=max_tokens,
+                delay_ms=delay_ms,
+                api_key=api_key,
+                gateway_env=env,
+                litellm_paths=lite,
+                json_path=json_path,
+                prepare=_prepare,
+                log=lambda m: err.print(m, markup=False, highlight=False),
+            )
+        )
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        err.print("interrupted: everything it started is stopped")
+        raise typer.Exit(130) from None
+    raise typer.Exit(0 if met else 1)
 
 
 def _run_rpc(coro: object) -> None:
