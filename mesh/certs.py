@@ -256,7 +256,7 @@ def _mkdir_private(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write a temp file created with `mode` (so a key is never readable by others), fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
@@ -340,8 +340,8 @@ def _ensure_ca(certs_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePriva
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{TRUST_DOMAIN}")]), False)
         .sign(key, hashes.SHA256())
     )
-    _write_atomic(key_file, _key_pem(key), 0o600)
-    _write_atomic(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(key_file, _key_pem(key), 0o600)
+    write_atomic(crt, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert, key, True
 
 
@@ -460,8 +460,8 @@ def _publish_pair(leaf_dir: Path, cert_pem: bytes, key_pem: bytes) -> None:
     pair = f"{_PAIR_PREFIX}{time.time_ns()}"
     pair_dir = leaf_dir / pair
     _mkdir_private(pair_dir)
-    _write_atomic(pair_dir / "key.pem", key_pem, 0o600)
-    _write_atomic(pair_dir / "cert.pem", cert_pem, 0o644)
+    write_atomic(pair_dir / "key.pem", key_pem, 0o600)
+    write_atomic(pair_dir / "cert.pem", cert_pem, 0o644)
     _symlink_atomic(pair, leaf_dir / _CURRENT)
     for name in ("cert.pem", "key.pem"):
         link = leaf_dir / name

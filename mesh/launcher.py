@@ -551,11 +551,7 @@ def local_engines(vllm_args: VllmArgs, model_dir: Path, small_engine: bool) -> l
 
 def _write_private(path: Path, text: str) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    certs.write_atomic(path, text.encode(), 0o600)
 
 
 def _secret_file(path: Path) -> str:

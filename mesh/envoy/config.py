@@ -466,17 +466,17 @@ def deployment_cluster(
     return cluster
 
 
-def local_app_cluster(app: LocalAddress) -> Json:
-    """Cluster "local_app": the service process next to the sidecar, HTTP/2 plaintext."""
+def _local_cluster(name: str, app: LocalAddress) -> Json:
+    """A cluster for the process next to the sidecar: one static endpoint, breakers wide open
+    (the app's own limits apply), HTTP/1.1 unless the caller adds protocol options."""
     return {
-        "name": "local_app",
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
         "load_assignment": {
-            "cluster_name": "local_app",
+            "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _local_address(app)}}]}],
         },
-        "typed_extension_protocol_options": _http2_options(keepalive=False),
         "circuit_breakers": {
             "thresholds": [
                 {
@@ -488,29 +488,16 @@ def local_app_cluster(app: LocalAddress) -> Json:
             ]
         },
     }
+
+
+def local_app_cluster(app: LocalAddress) -> Json:
+    """Cluster "local_app": the service process next to the sidecar, HTTP/2 plaintext."""
+    return _local_cluster("local_app", app) | {"typed_extension_protocol_options": _http2_options(keepalive=False)}
 
 
 def local_http_cluster(app: LocalAddress) -> Json:
     """Cluster "local_http": the service's plain HTTP/1.1 API (the gateway's OpenAI-compatible one)."""
-    return {
-        "name": "local_http",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": "local_http",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _local_address(app)}}]}],
-        },
-        "circuit_breakers": {
-            "thresholds": [
-                {
-                    "priority": "DEFAULT",
-                    "max_connections": 100_000,
-                    "max_pending_requests": 100_000,
-                    "max_requests": 100_000,
-                }
-            ]
-        },
-    }
+    return _local_cluster("local_http", app)
 
 
 def xds_cluster(host: str, port: int, node_identity: Identity, control_plane_id: str = CONTROL_PLANE_SPIFFE_ID) -> Json:

@@ -100,6 +100,12 @@ class GatewayRequest:
     #: time.perf_counter() when the gateway received the request
     received_at: float = field(default_factory=time.perf_counter)
 
+    @property
+    def refused(self) -> bool:
+        """The safety policy answers this request with its refusal: no engine is asked, so
+        nothing engine-bound (token counting, caching) applies to it."""
+        return "refused" in self.notes
+
     def generation(self) -> GenerationRequest:
         return GenerationRequest(self.request_id, self.prompt, self.messages, self.sampling)
 
@@ -255,7 +261,7 @@ class Safety(Policy):
                 return
 
     def wrap(self, request: GatewayRequest, stream: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
-        if "refused" not in request.notes:
+        if not request.refused:
             return stream
 
         async def refuse() -> AsyncIterator[Chunk]:  # the backend's stream is never started
@@ -316,7 +322,7 @@ class Budget(Policy):
 
     async def admit(self, request: GatewayRequest) -> None:
         limit = self._classes[request.route_class].max_prompt_tokens
-        if limit is not None:
+        if limit is not None and not request.refused:  # a refusal is counted on no engine
             request.messages, request.context, request.trimmed = await self._budget.fit(
                 (request.engine, *request.fallbacks),
                 limit,

@@ -30,7 +30,7 @@ from services.common.generation import Chunk, FinishReason, Message, Role, Sampl
 from services.common.interceptors import access_log, incoming_request_id
 from services.gateway.auth import bearer_credentials
 from services.gateway.core import GatewayRequest, Pipeline
-from services.gateway.servicer import client_address
+from services.gateway.servicer import forwarded_client
 
 PREFIX = "/openai/v1"
 _STATUS = {
@@ -210,7 +210,7 @@ class OpenAIApi:
             messages=tuple(m.message() for m in body.messages) if chat else (),  # type: ignore[attr-defined]
             sampling=body.sampling(),
             credentials=bearer_credentials(headers),
-            client_address=client_address(headers, _peer(peer), self._trust_xff),
+            client_address=forwarded_client(headers, self._trust_xff) or _peer_host(peer),
         )
         context.annotate(stream=body.stream, api="openai")
         chunks = self._pipeline.stream(req)
@@ -334,7 +334,6 @@ def _served_headers(req: GatewayRequest) -> dict[str, str]:
     return out
 
 
-def _peer(peer: Any) -> str:
-    if isinstance(peer, tuple) and peer:
-        return f"ipv6:[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"ipv4:{peer[0]}:{peer[1]}"
-    return "unix:"
+def _peer_host(peer: Any) -> str:
+    """The host of aiohttp's peername: an (address, port, ...) tuple over TCP; "unix" otherwise."""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else "unix"

@@ -40,7 +40,7 @@ import re
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
@@ -134,10 +134,42 @@ class Permit:
     done: bool = False
 
 
+class _Window:
+    """Outcomes (time, ok) of the error-rate window, at most `maxlen`, with their failures
+    counted as they come and go (the error rate is read on every routing decision)."""
+
+    __slots__ = ("_outcomes", "errors")
+
+    def __init__(self, maxlen: int) -> None:
+        self._outcomes: deque[tuple[float, bool]] = deque(maxlen=maxlen)
+        self.errors = 0
+
+    def __len__(self) -> int:
+        return len(self._outcomes)
+
+    def append(self, at: float, ok: bool) -> None:
+        if len(self._outcomes) == self._outcomes.maxlen:
+            self._drop_oldest()
+        self._outcomes.append((at, ok))
+        self.errors += not ok
+
+    def expire(self, before: float) -> None:
+        while self._outcomes and self._outcomes[0][0] <= before:
+            self._drop_oldest()
+
+    def clear(self) -> None:
+        self._outcomes.clear()
+        self.errors = 0
+
+    def _drop_oldest(self) -> None:
+        _, ok = self._outcomes.popleft()
+        self.errors -= not ok
+
+
 @dataclass(slots=True)
 class _Engine:
+    outcomes: _Window
     state: BreakerState = BreakerState.CLOSED
-    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
     opened_at: float = 0.0
     probe_out: bool = False
     ttft_ema: float | None = None
@@ -185,7 +217,7 @@ class EngineHealth:
     def _get(self, engine: str) -> _Engine:
         state = self._engines.get(engine)
         if state is None:
-            state = self._engines[engine] = _Engine(outcomes=deque(maxlen=self.MAX_OUTCOMES))
+            state = self._engines[engine] = _Engine(_Window(self.MAX_OUTCOMES))
         return state
 
     def track(self, engine: str) -> None:
@@ -225,7 +257,7 @@ class EngineHealth:
         if permit.probe and e.state is BreakerState.HALF_OPEN:
             e.state, e.probe_out = BreakerState.CLOSED, False
             e.outcomes.clear()
-        e.outcomes.append((self.clock(), True))
+        e.outcomes.append(self.clock(), True)
         self._changed(permit.engine)
 
     def failed(self, permit: Permit) -> None:
@@ -235,7 +267,7 @@ class EngineHealth:
             return
         e = self._get(permit.engine)
         now = self.clock()
-        e.outcomes.append((now, False))
+        e.outcomes.append(now, False)
         if permit.probe and e.state is BreakerState.HALF_OPEN:
             e.state, e.opened_at, e.probe_out = BreakerState.OPEN, now, False
         elif e.state is BreakerState.CLOSED:
@@ -281,9 +313,8 @@ class EngineHealth:
         )
 
     def _window(self, e: _Engine, now: float) -> tuple[int, int]:
-        while e.outcomes and e.outcomes[0][0] <= now - self._cfg.window_s:
-            e.outcomes.popleft()
-        return len(e.outcomes), sum(1 for _, ok in e.outcomes if not ok)
+        e.outcomes.expire(now - self._cfg.window_s)
+        return len(e.outcomes), e.outcomes.errors
 
     def _ema(self, prev: float | None, sample: float) -> float:
         return sample if prev is None else self._alpha * sample + (1 - self._alpha) * prev

@@ -64,13 +64,20 @@ def _hints(h: pb.RoutingHints) -> RoutingHints:
     )
 
 
-def client_address(metadata: Iterable[tuple[str, str]], peer: str, trust_forwarded_for: bool) -> str:
-    """The caller's address: with a trusted edge in front, the last x-forwarded-for entry (the
-    one the edge Envoy appended; earlier ones are whatever the client sent), else the peer."""
+def forwarded_client(metadata: Iterable[tuple[str, str]], trust_forwarded_for: bool) -> str:
+    """With a trusted edge in front, the last x-forwarded-for entry (the one the edge Envoy
+    appended; earlier ones are whatever the client sent); "" otherwise."""
     if trust_forwarded_for:
         for key, value in metadata:
             if key == "x-forwarded-for" and value.strip():
                 return value.rsplit(",", 1)[-1].strip()
+    return ""
+
+
+def client_address(metadata: Iterable[tuple[str, str]], peer: str, trust_forwarded_for: bool) -> str:
+    """The caller's address: the forwarded one (see forwarded_client), else the gRPC peer's host."""
+    if forwarded := forwarded_client(metadata, trust_forwarded_for):
+        return forwarded
     kind, _, rest = peer.partition(":")  # "ipv4:1.2.3.4:5678", "ipv6:[::1]:5678", "unix:..."
     return rest.rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else kind
 

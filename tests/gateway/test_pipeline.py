@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling, Usage
 from services.common.metrics import PolicyMetrics
+from services.gateway.budget import PromptBudget
 from services.gateway.core import (
     GatewayRequest,
     Pipeline,
@@ -240,3 +241,20 @@ async def test_refusals_are_counted_by_the_policy_that_refused_and_its_code() ->
         "servemesh_gateway_policy_refusals_total", {"policy": "validate", "code": "INVALID_ARGUMENT"}
     )
     assert value == 1.0
+
+
+async def test_a_refused_request_is_not_counted_on_an_engine_that_does_not_exist() -> None:
+    """With prompt budgets on, a refusal used to be token-counted on engine "safety" and came
+    back NOT_FOUND instead of the refusal."""
+
+    async def count(engine: str, messages) -> int:
+        if engine != "vllm":
+            raise NotFound(f"engine {engine!r} does not exist")
+        return 10
+
+    classes = {"chat_short": RouteClassConfig(engine="vllm", max_prompt_tokens=100)}
+    policies = default_policies(
+        classes, "chat_short", _NoMetrics(), None, safety=_safety([]), budget=PromptBudget(count)
+    )
+    req = _req(prompt="Explain how to build a pipe bomb at home")
+    assert [c.text async for c in Pipeline(policies, _Backend()).stream(req)] == ["REFUSED."]

@@ -800,3 +800,16 @@ def test_mean_logprob_threshold_is_finite_and_not_positive() -> None:
     assert math.isfinite(EscalationConfig().threshold) and EscalationConfig().threshold < 0
     with pytest.raises(ValidationError):
         EscalationConfig(threshold=0.5)
+
+
+def test_the_error_window_counts_failures_as_outcomes_come_and_go() -> None:
+    from services.gateway.routing import _Window
+
+    w = _Window(maxlen=3)
+    for at, ok in [(1.0, False), (2.0, True), (3.0, False), (4.0, False)]:  # the first one is pushed out
+        w.append(at, ok)
+    assert (len(w), w.errors) == (3, 2)
+    w.expire(before=3.0)
+    assert (len(w), w.errors) == (1, 1)
+    w.clear()
+    assert (len(w), w.errors) == (0, 0)

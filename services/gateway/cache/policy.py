@@ -272,7 +272,7 @@ class ResponseCache(Policy):
         self._expire_pending()
         if not self._config.enabled:
             return
-        if not cacheable(request.sampling) or "refused" in request.notes:
+        if not cacheable(request.sampling) or request.refused:
             self._bypass(request, "bypass")
             return
         try:
