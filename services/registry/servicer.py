@@ -12,7 +12,8 @@ from servemesh.registry.v1 import registry_pb2 as pb
 from servemesh.registry.v1 import registry_pb2_grpc as pb_grpc
 
 from services.common.errors import FieldViolation, InvalidArgument
-from services.registry.core import RegistryCore, caller_identity
+from services.common.identity import caller_identity
+from services.registry.core import RegistryCore
 from services.registry.keys import secret_prefix
 from services.registry.resources import (
     Action,

@@ -16,7 +16,8 @@ from servemesh.registry.v1 import registry_pb2 as pb
 from servemesh.registry.v1 import registry_pb2_grpc as pb_grpc
 
 from services.common.errors import InvalidArgument
-from services.registry.core import caller_identity, decode_page_token, encode_page_token, parse_xfcc
+from services.common.identity import caller_identity, parse_xfcc
+from services.registry.core import decode_page_token, encode_page_token
 from services.registry.server import create_registry_server
 from services.registry.settings import RegistrySettings
 from services.registry.validation import endpoint_problem
