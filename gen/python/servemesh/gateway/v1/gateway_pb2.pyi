@@ -97,6 +97,70 @@ FINISH_REASON_LENGTH: FinishReason.ValueType  # 2
 """max_tokens or the context length was reached."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
 
+class _RetrievalMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RetrievalModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RetrievalMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETRIEVAL_MODE_UNSPECIFIED: _RetrievalMode.ValueType  # 0
+    """Hybrid."""
+    RETRIEVAL_MODE_DENSE: _RetrievalMode.ValueType  # 1
+    """Embedding similarity only."""
+    RETRIEVAL_MODE_SPARSE: _RetrievalMode.ValueType  # 2
+    """BM25 only."""
+    RETRIEVAL_MODE_HYBRID: _RetrievalMode.ValueType  # 3
+    """Dense and sparse fused."""
+
+class RetrievalMode(_RetrievalMode, metaclass=_RetrievalModeEnumTypeWrapper):
+    """How a RAG answer's retrieval ranks passages."""
+
+RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode.ValueType  # 0
+"""Hybrid."""
+RETRIEVAL_MODE_DENSE: RetrievalMode.ValueType  # 1
+"""Embedding similarity only."""
+RETRIEVAL_MODE_SPARSE: RetrievalMode.ValueType  # 2
+"""BM25 only."""
+RETRIEVAL_MODE_HYBRID: RetrievalMode.ValueType  # 3
+"""Dense and sparse fused."""
+Global___RetrievalMode: _TypeAlias = RetrievalMode  # noqa: Y015
+
+class _CitationStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CitationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CitationStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CITATION_STATUS_UNSPECIFIED: _CitationStatus.ValueType  # 0
+    """Not set (every message but the last)."""
+    CITATION_STATUS_CITED: _CitationStatus.ValueType  # 1
+    """The answer cites at least one passage it was given, and no other."""
+    CITATION_STATUS_NONE: _CitationStatus.ValueType  # 2
+    """The answer cites nothing; citations are not required."""
+    CITATION_STATUS_MISSING: _CitationStatus.ValueType  # 3
+    """The answer cites nothing although the route class requires citations
+    (policy citation_required_rag); `citation_notice` says so.
+    """
+    CITATION_STATUS_INVALID: _CitationStatus.ValueType  # 4
+    """The answer cites a number no passage has; `invalid_citations` lists them."""
+
+class CitationStatus(_CitationStatus, metaclass=_CitationStatusEnumTypeWrapper):
+    """Whether an answer's citations satisfy the route class's policy."""
+
+CITATION_STATUS_UNSPECIFIED: CitationStatus.ValueType  # 0
+"""Not set (every message but the last)."""
+CITATION_STATUS_CITED: CitationStatus.ValueType  # 1
+"""The answer cites at least one passage it was given, and no other."""
+CITATION_STATUS_NONE: CitationStatus.ValueType  # 2
+"""The answer cites nothing; citations are not required."""
+CITATION_STATUS_MISSING: CitationStatus.ValueType  # 3
+"""The answer cites nothing although the route class requires citations
+(policy citation_required_rag); `citation_notice` says so.
+"""
+CITATION_STATUS_INVALID: CitationStatus.ValueType  # 4
+"""The answer cites a number no passage has; `invalid_citations` lists them."""
+Global___CitationStatus: _TypeAlias = CitationStatus  # noqa: Y015
+
 @_typing.final
 class Message(_message.Message):
     """One turn of a conversation."""
@@ -674,3 +738,285 @@ class GetVersionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetVersionResponse: _TypeAlias = GetVersionResponse  # noqa: Y015
+
+@_typing.final
+class StreamRagAnswerRequest(_message.Message):
+    """Request of StreamRagAnswer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FilterEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    QUESTION_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    CANDIDATES_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    SKIP_RERANK_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    ROUTE_CLASS_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    question: _builtins.str
+    """Required. The question, 1 to 2048 characters."""
+    index: _builtins.str
+    """Required. Id of one of the caller's indexes (the tenant comes from the
+    API key), 1 to 63 characters of [a-z0-9-].
+    """
+    top_k: _builtins.int
+    """Optional. Passages given to the model, in [1, 20]; default 5."""
+    candidates: _builtins.int
+    """Optional. Candidates retrieved for reranking, in [top_k, 200]; default 50."""
+    mode: Global___RetrievalMode.ValueType
+    """Optional. Retrieval ranking; default hybrid."""
+    skip_rerank: _builtins.bool
+    """Optional. Skip the reranker and keep retrieval's order."""
+    route_class: _builtins.str
+    """Optional. Route class; empty selects "rag_long" when configured, else
+    the default class.
+    """
+    @_builtins.property
+    def filter(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Optional. Metadata filter: only passages of documents with every one of
+        these key/value pairs (at most 8).
+        """
+
+    @_builtins.property
+    def params(self) -> Global___DecodingParams:
+        """Optional. Decoding parameters."""
+
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
+        """Optional. Earlier conversation turns, at most 63, before the question."""
+
+    def __init__(
+        self,
+        *,
+        question: _builtins.str = ...,
+        index: _builtins.str = ...,
+        top_k: _builtins.int = ...,
+        candidates: _builtins.int = ...,
+        mode: Global___RetrievalMode.ValueType = ...,
+        filter: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        skip_rerank: _builtins.bool = ...,
+        params: Global___DecodingParams | None = ...,
+        route_class: _builtins.str = ...,
+        history: _abc.Iterable[Global___Message] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["params", b"params"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidates", b"candidates", "filter", b"filter", "history", b"history", "index", b"index", "mode", b"mode", "params", b"params", "question", b"question", "route_class", b"route_class", "skip_rerank", b"skip_rerank", "top_k", b"top_k"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRagAnswerRequest: _TypeAlias = StreamRagAnswerRequest  # noqa: Y015
+
+@_typing.final
+class RagPassage(_message.Message):
+    """A passage given to the model, as the answer cites it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    DOCUMENT_ID_FIELD_NUMBER: _builtins.int
+    CHUNK_ID_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    START_OFFSET_FIELD_NUMBER: _builtins.int
+    END_OFFSET_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    RETRIEVAL_SCORE_FIELD_NUMBER: _builtins.int
+    RERANK_SCORE_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """Output only. Its number in the prompt: the answer cites it as [number]."""
+    document_id: _builtins.str
+    """Output only. Document id."""
+    chunk_id: _builtins.str
+    """Output only. Chunk id."""
+    title: _builtins.str
+    """Output only. Document title."""
+    start_offset: _builtins.int
+    """Output only. Offset of the passage's first character in the document's
+    extracted text, in Unicode code points.
+    """
+    end_offset: _builtins.int
+    """Output only. Offset just past its last character."""
+    text: _builtins.str
+    """Output only. The passage text."""
+    retrieval_score: _builtins.float
+    """Output only. Retrieval score (after fusion)."""
+    rerank_score: _builtins.float
+    """Output only. Reranker score; unset when the reranker was skipped or
+    unavailable.
+    """
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        document_id: _builtins.str = ...,
+        chunk_id: _builtins.str = ...,
+        title: _builtins.str = ...,
+        start_offset: _builtins.int = ...,
+        end_offset: _builtins.int = ...,
+        text: _builtins.str = ...,
+        retrieval_score: _builtins.float = ...,
+        rerank_score: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rerank_score", b"_rerank_score", "rerank_score", b"rerank_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rerank_score", b"_rerank_score", "chunk_id", b"chunk_id", "document_id", b"document_id", "end_offset", b"end_offset", "number", b"number", "rerank_score", b"rerank_score", "retrieval_score", b"retrieval_score", "start_offset", b"start_offset", "text", b"text", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__rerank_score: _TypeAlias = _typing.Literal["rerank_score"]  # noqa: Y015
+    _WhichOneofArgType__rerank_score: _TypeAlias = _typing.Literal["_rerank_score", b"_rerank_score"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rerank_score) -> _WhichOneofReturnType__rerank_score | None: ...
+
+Global___RagPassage: _TypeAlias = RagPassage  # noqa: Y015
+
+@_typing.final
+class Citation(_message.Message):
+    """A citation found in the answer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    PASSAGE_FIELD_NUMBER: _builtins.int
+    ANSWER_OFFSET_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """Output only. The number cited, [number]."""
+    answer_offset: _builtins.int
+    """Output only. Where the first "[number]" occurs in the answer, in
+    Unicode code points.
+    """
+    @_builtins.property
+    def passage(self) -> Global___RagPassage:
+        """Output only. The passage it points at."""
+
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        passage: Global___RagPassage | None = ...,
+        answer_offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["passage", b"passage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_offset", b"answer_offset", "number", b"number", "passage", b"passage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Citation: _TypeAlias = Citation  # noqa: Y015
+
+@_typing.final
+class StreamRagAnswerResponse(_message.Message):
+    """One message of a StreamRagAnswer stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSAGES_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    TEXT_DELTA_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    CITATIONS_FIELD_NUMBER: _builtins.int
+    CITATION_STATUS_FIELD_NUMBER: _builtins.int
+    INVALID_CITATIONS_FIELD_NUMBER: _builtins.int
+    CITATION_NOTICE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ROUTE_CLASS_FIELD_NUMBER: _builtins.int
+    TRIMMED_FIELD_NUMBER: _builtins.int
+    RERANKER_FIELD_NUMBER: _builtins.int
+    manifest: _builtins.str
+    """Output only. Manifest of the index build that was searched; first
+    message only.
+    """
+    text_delta: _builtins.str
+    """Output only. Answer text since the previous message."""
+    finish_reason: Global___FinishReason.ValueType
+    """Output only. FINISH_REASON_UNSPECIFIED on every message but the last."""
+    citation_status: Global___CitationStatus.ValueType
+    """Output only. Last message only."""
+    citation_notice: _builtins.str
+    """Output only. When citation_status is MISSING or INVALID, a sentence for
+    the reader saying the answer is not backed by citations; last message only.
+    """
+    engine: _builtins.str
+    """Output only. Engine that served the request, as `engines/{engine}`."""
+    model: _builtins.str
+    """Output only. Id of the model."""
+    request_id: _builtins.str
+    """Output only. Id of the request."""
+    route_class: _builtins.str
+    """Output only. Route class the request was served under."""
+    reranker: _builtins.str
+    """Output only. Id of the reranker's scorer; empty when reranking was
+    skipped; first message only.
+    """
+    @_builtins.property
+    def passages(self) -> _containers.RepeatedCompositeFieldContainer[Global___RagPassage]:
+        """Output only. Passages given to the model, in prompt order (after
+        reranking and trimming); first message only.
+        """
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Output only. Set on the last message only."""
+
+    @_builtins.property
+    def citations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Citation]:
+        """Output only. Citations in the answer, by first occurrence; last message only."""
+
+    @_builtins.property
+    def invalid_citations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Output only. Numbers cited that no passage has; last message only."""
+
+    @_builtins.property
+    def trimmed(self) -> Global___Trimmed:
+        """Output only. What was trimmed from the prompt; last message, when
+        anything was.
+        """
+
+    def __init__(
+        self,
+        *,
+        passages: _abc.Iterable[Global___RagPassage] | None = ...,
+        manifest: _builtins.str = ...,
+        text_delta: _builtins.str = ...,
+        finish_reason: Global___FinishReason.ValueType = ...,
+        usage: Global___Usage | None = ...,
+        citations: _abc.Iterable[Global___Citation] | None = ...,
+        citation_status: Global___CitationStatus.ValueType = ...,
+        invalid_citations: _abc.Iterable[_builtins.int] | None = ...,
+        citation_notice: _builtins.str = ...,
+        engine: _builtins.str = ...,
+        model: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        route_class: _builtins.str = ...,
+        trimmed: Global___Trimmed | None = ...,
+        reranker: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trimmed", b"trimmed", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["citation_notice", b"citation_notice", "citation_status", b"citation_status", "citations", b"citations", "engine", b"engine", "finish_reason", b"finish_reason", "invalid_citations", b"invalid_citations", "manifest", b"manifest", "model", b"model", "passages", b"passages", "request_id", b"request_id", "reranker", b"reranker", "route_class", b"route_class", "text_delta", b"text_delta", "trimmed", b"trimmed", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamRagAnswerResponse: _TypeAlias = StreamRagAnswerResponse  # noqa: Y015

@@ -50,6 +50,11 @@ class GatewayServiceStub:
                 request_serializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.StreamRagAnswer = channel.unary_stream(
+                '/servemesh.gateway.v1.GatewayService/StreamRagAnswer',
+                request_serializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.StreamRagAnswerRequest.SerializeToString,
+                response_deserializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.StreamRagAnswerResponse.FromString,
+                _registered_method=True)
         self.GetVersion = channel.unary_unary(
                 '/servemesh.gateway.v1.GatewayService/GetVersion',
                 request_serializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.GetVersionRequest.SerializeToString,
@@ -81,6 +86,20 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamRagAnswer(self, request, context):
+        """Answers a question from one of the caller's indexes: retrieves passages
+        (hybrid search), reranks them, gives the best to the model within the
+        route class's prompt budget (lowest-ranked passages trimmed first) and
+        streams the answer. The first message lists the passages the model was
+        given, numbered as the answer cites them ([1], [2], ...); the last one
+        carries the citations found in the answer and whether they satisfy the
+        route class's citation policy. Generation passes the same policies as
+        StreamGenerate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetVersion(self, request, context):
         """Returns what is deployed: models with their card hashes, build commit and
         environment.
@@ -101,6 +120,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.FromString,
                     response_serializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.SerializeToString,
+            ),
+            'StreamRagAnswer': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamRagAnswer,
+                    request_deserializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.StreamRagAnswerRequest.FromString,
+                    response_serializer=servemesh_dot_gateway_dot_v1_dot_gateway__pb2.StreamRagAnswerResponse.SerializeToString,
             ),
             'GetVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.GetVersion,
@@ -168,6 +192,33 @@ class GatewayService:
             '/servemesh.gateway.v1.GatewayService/Generate',
             servemesh_dot_gateway_dot_v1_dot_gateway__pb2.GenerateRequest.SerializeToString,
             servemesh_dot_gateway_dot_v1_dot_gateway__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamRagAnswer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/servemesh.gateway.v1.GatewayService/StreamRagAnswer',
+            servemesh_dot_gateway_dot_v1_dot_gateway__pb2.StreamRagAnswerRequest.SerializeToString,
+            servemesh_dot_gateway_dot_v1_dot_gateway__pb2.StreamRagAnswerResponse.FromString,
             options,
             channel_credentials,
             insecure,

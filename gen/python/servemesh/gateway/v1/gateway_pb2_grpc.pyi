@@ -45,6 +45,16 @@ class GatewayServiceStub:
     """
     Generate: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GenerateRequest, _gateway_pb2.GenerateResponse]
     """Returns a whole completion in one message."""
+    StreamRagAnswer: _grpc.UnaryStreamMultiCallable[_gateway_pb2.StreamRagAnswerRequest, _gateway_pb2.StreamRagAnswerResponse]
+    """Answers a question from one of the caller's indexes: retrieves passages
+    (hybrid search), reranks them, gives the best to the model within the
+    route class's prompt budget (lowest-ranked passages trimmed first) and
+    streams the answer. The first message lists the passages the model was
+    given, numbered as the answer cites them ([1], [2], ...); the last one
+    carries the citations found in the answer and whether they satisfy the
+    route class's citation policy. Generation passes the same policies as
+    StreamGenerate.
+    """
     GetVersion: _grpc.UnaryUnaryMultiCallable[_gateway_pb2.GetVersionRequest, _gateway_pb2.GetVersionResponse]
     """Returns what is deployed: models with their card hashes, build commit and
     environment.
@@ -67,6 +77,16 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """
     Generate: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GenerateRequest, _gateway_pb2.GenerateResponse]  # type: ignore[assignment]
     """Returns a whole completion in one message."""
+    StreamRagAnswer: _aio.UnaryStreamMultiCallable[_gateway_pb2.StreamRagAnswerRequest, _gateway_pb2.StreamRagAnswerResponse]  # type: ignore[assignment]
+    """Answers a question from one of the caller's indexes: retrieves passages
+    (hybrid search), reranks them, gives the best to the model within the
+    route class's prompt budget (lowest-ranked passages trimmed first) and
+    streams the answer. The first message lists the passages the model was
+    given, numbered as the answer cites them ([1], [2], ...); the last one
+    carries the citations found in the answer and whether they satisfy the
+    route class's citation policy. Generation passes the same policies as
+    StreamGenerate.
+    """
     GetVersion: _aio.UnaryUnaryMultiCallable[_gateway_pb2.GetVersionRequest, _gateway_pb2.GetVersionResponse]  # type: ignore[assignment]
     """Returns what is deployed: models with their card hashes, build commit and
     environment.
@@ -98,6 +118,22 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_pb2.GenerateResponse, _abc.Awaitable[_gateway_pb2.GenerateResponse]]:
         """Returns a whole completion in one message."""
+
+    @_abc_1.abstractmethod
+    def StreamRagAnswer(
+        self,
+        request: _gateway_pb2.StreamRagAnswerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_gateway_pb2.StreamRagAnswerResponse], _abc.AsyncIterator[_gateway_pb2.StreamRagAnswerResponse]]:
+        """Answers a question from one of the caller's indexes: retrieves passages
+        (hybrid search), reranks them, gives the best to the model within the
+        route class's prompt budget (lowest-ranked passages trimmed first) and
+        streams the answer. The first message lists the passages the model was
+        given, numbered as the answer cites them ([1], [2], ...); the last one
+        carries the citations found in the answer and whether they satisfy the
+        route class's citation policy. Generation passes the same policies as
+        StreamGenerate.
+        """
 
     @_abc_1.abstractmethod
     def GetVersion(
