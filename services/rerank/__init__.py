@@ -1,0 +1,1 @@
+"""The rerank service: orders candidate passages by how well they answer a query."""
