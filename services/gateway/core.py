@@ -35,6 +35,7 @@ from services.gateway.budget import Passage, PromptBudget, Trimmed, compose
 from services.gateway.redaction import Redaction, Redactor
 
 if TYPE_CHECKING:  # settings import the policies' own config models: no runtime cycle
+    from services.gateway.rag import RagContext, RagQuery
     from services.gateway.routing import RoutingHints
     from services.gateway.settings import RouteClassConfig
 
@@ -97,6 +98,10 @@ class GatewayRequest:
     #: free-form notes of the policies (e.g. what was trimmed), for logs and responses
     notes: dict[str, str] = field(default_factory=dict)
     served: Served = field(default_factory=Served)
+    #: a StreamRagAnswer request: what to retrieve (the retrieve policy fills `context`)
+    rag: RagQuery | None = None
+    #: what the retrieve policy found
+    rag_context: RagContext | None = None
     #: time.perf_counter() when the gateway received the request
     received_at: float = field(default_factory=time.perf_counter)
 
@@ -460,12 +465,20 @@ def default_policies(
     routing: Policy | None = None,
     cache: Policy | None = None,
     redact_output: bool = False,
+    retrieve: Policy | None = None,
 ) -> list[Policy]:
     """The pipeline in order. None turns a step off: `authenticate` (every caller is
     anonymous), `limits`, `redactor` (PII redaction), `safety` (refusals), `budget` (prompt
     budgets; context passages are still composed), `cache`; `routing` None routes each
-    route class to its configured engine. `redact_output` redacts what engines write too."""
-    optional = [authenticate, limits, Redact(redactor, record_redactions) if redactor is not None else None, safety]
+    route class to its configured engine. `redact_output` redacts what engines write too.
+    `retrieve` fills RAG requests' context (after safety, before the budget trims it)."""
+    optional = [
+        authenticate,
+        limits,
+        Redact(redactor, record_redactions) if redactor is not None else None,
+        safety,
+        retrieve,
+    ]
     return [
         ValidateInput(route_classes),
         *[p for p in optional if p is not None],

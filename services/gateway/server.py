@@ -21,6 +21,7 @@ from services.gateway.cache import CacheMetrics, EngineIdentities, ResponseCache
 from services.gateway.core import Pipeline, Safety, default_policies
 from services.gateway.limits import AuthThrottle, LimitMetrics, LimitStore, RateLimit, open_store
 from services.gateway.openai_api import HttpApiServer, OpenAIApi
+from services.gateway.rag import RagClients, Retrieve
 from services.gateway.redaction import Redactor
 from services.gateway.routing import ResilientBackend, Router, RoutingMetrics, RuleRouting
 from services.gateway.servicer import GatewayServicer
@@ -35,7 +36,9 @@ class _Closing:
     """What to close when the gateway stops: the inference channel, the cache's store, the
     registry channel of the key verifier."""
 
-    def __init__(self, inference: InferenceBackend, *others: ResponseCache | KeyVerifier | LimitStore | None) -> None:
+    def __init__(
+        self, inference: InferenceBackend, *others: ResponseCache | KeyVerifier | LimitStore | RagClients | None
+    ) -> None:
         self.inference = inference
         self._others = [o for o in others if o is not None]
 
@@ -80,6 +83,7 @@ async def create_gateway_server(
             CacheMetrics(registry),
             redactor=redactor,
         )
+    rag = RagClients(settings.rag) if settings.rag.enabled else None
     policies = default_policies(
         settings.route_classes,
         settings.default_route_class,
@@ -95,9 +99,10 @@ async def create_gateway_server(
         routing=RuleRouting(router, settings.route_classes, routing_metrics),
         cache=cache,
         redact_output=red.outputs,
+        retrieve=Retrieve(rag) if rag is not None else None,
     )
     pipeline = Pipeline(policies, ResilientBackend(inference, router, routing_metrics), PolicyMetrics(registry))
-    backend = _Closing(inference, cache, verifier, limit_store)
+    backend = _Closing(inference, cache, verifier, limit_store, rag)
 
     async def models() -> list[ModelInfo]:
         return [ModelInfo(e.name, e.model, e.model_card_sha256) for e in await inference.list_engines()]
@@ -109,6 +114,8 @@ async def create_gateway_server(
         deployment=settings.deployment,
         forward_headers=settings.forward_headers,
         trust_forwarded_for=settings.trust_forwarded_for,
+        rag_route_class=_rag_route_class(settings) if rag is not None else None,
+        citations_required=frozenset(name for name, c in settings.route_classes.items() if c.require_citations),
     )
     service = Service(SERVICE_NAME, servicer, gateway_pb2_grpc.add_GatewayServiceServicer_to_server)
     server = await create_server(settings, [service], registry=registry)
@@ -117,6 +124,11 @@ async def create_gateway_server(
         api = OpenAIApi(pipeline, list(settings.route_classes), trust_forwarded_for=settings.trust_forwarded_for)
         http = HttpApiServer(api, settings.host, settings.http_port, settings.http_unix_socket)
     return server, backend, http
+
+
+def _rag_route_class(settings: GatewaySettings) -> str:
+    """RAG requests naming no route class: the configured one if this gateway has it."""
+    return settings.rag.route_class if settings.rag.route_class in settings.route_classes else ""
 
 
 async def _serve(settings: GatewaySettings) -> None:

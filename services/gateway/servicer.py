@@ -9,11 +9,13 @@ from servemesh.gateway.v1 import gateway_pb2 as pb
 from servemesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
 
 from services.common import context
+from services.common.errors import FailedPrecondition
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling
 from services.common.interceptors import ENGINE_TTFT_KEY
 from services.gateway.auth import bearer_credentials
 from services.gateway.budget import Passage
 from services.gateway.core import GatewayRequest, Pipeline
+from services.gateway.rag import RagContext, RagPassage, RagQuery, find_citations, validate_query
 from services.gateway.routing import Quality, RoutingHints
 from services.gateway.version import VersionInfo
 
@@ -61,6 +63,27 @@ def _hints(h: pb.RoutingHints) -> RoutingHints:
         uncertainty=h.uncertainty if h.HasField("uncertainty") else None,
         quality=_QUALITY.get(h.quality),
         latency_budget_ms=h.latency_budget_ms if h.HasField("latency_budget_ms") else None,
+    )
+
+
+_RETRIEVAL_MODES = {
+    pb.RETRIEVAL_MODE_HYBRID: "hybrid",
+    pb.RETRIEVAL_MODE_DENSE: "dense",
+    pb.RETRIEVAL_MODE_SPARSE: "sparse",
+}
+
+
+def _passage(number: int, p: RagPassage) -> pb.RagPassage:
+    return pb.RagPassage(
+        number=number,
+        document_id=p.document_id,
+        chunk_id=p.chunk_id,
+        title=p.title,
+        start_offset=p.start,
+        end_offset=p.end,
+        text=p.text,
+        retrieval_score=p.retrieval_score,
+        rerank_score=p.rerank_score,
     )
 
 
@@ -114,7 +137,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         deployment: str = "",
         forward_headers: Iterable[str] = (),
         trust_forwarded_for: bool = False,
+        rag_route_class: str | None = None,
+        citations_required: frozenset[str] = frozenset(),
     ) -> None:
+        """`rag_route_class`: route class of RAG requests naming none (None: RAG is off);
+        `citations_required`: route classes whose RAG answers must cite their passages."""
+        self._rag_class = rag_route_class
+        self._citations_required = citations_required
         self._pipeline = pipeline
         self._version = version
         self._deployment = deployment
@@ -163,6 +192,78 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             cached=req.notes.get("cache") == "hit",
             trimmed=_trimmed(req),
         )
+
+    async def StreamRagAnswer(
+        self, request: pb.StreamRagAnswerRequest, context_: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamRagAnswerResponse]:
+        if self._rag_class is None:
+            raise FailedPrecondition("retrieval-augmented answers are not enabled on this gateway")
+        query = RagQuery(
+            index=request.index,
+            top_k=request.top_k or 5,
+            candidates=request.candidates or max(50, request.top_k or 5),
+            mode=_RETRIEVAL_MODES.get(request.mode, "hybrid"),
+            filters=dict(request.filter),
+            skip_rerank=request.skip_rerank,
+        )
+        validate_query(request.question, query, len(request.history))
+        messages = [*request.history, pb.Message(role=pb.ROLE_USER, content=request.question)]
+        generate = pb.StreamGenerateRequest(
+            messages=messages, params=request.params, route_class=request.route_class or self._rag_class
+        )
+        req = _request(generate, context_, self._forward, self._trust_xff)
+        req.rag, req.allow_trim = query, True
+        context.annotate(stream=True, rag_index=request.index)
+        first, answer = True, []
+        kept: list[RagPassage] = []
+        async for chunk in self._pipeline.stream(req):
+            out = pb.StreamRagAnswerResponse(
+                text_delta=chunk.text,
+                engine=req.served.engine,
+                model=req.served.model,
+                request_id=req.request_id,
+                route_class=req.route_class,
+            )
+            answer.append(chunk.text)
+            if first:
+                first = False
+                rag: RagContext | None = req.rag_context
+                if rag is not None:
+                    kept = rag.kept(req.trimmed.passage_ids_removed if req.trimmed else ())
+                    out.passages.extend(_passage(i, p) for i, p in enumerate(kept, 1))
+                    out.manifest, out.reranker = rag.manifest, rag.reranker
+            if chunk.finish_reason is not None:
+                out.finish_reason = _FINISH[chunk.finish_reason]
+                out.usage.CopyFrom(_usage(chunk))
+                if (trimmed := _trimmed(req)) is not None:
+                    out.trimmed.CopyFrom(trimmed)
+                if not req.refused:
+                    self._cite(out, "".join(answer), kept, req.route_class)
+            yield out
+        _relay_timing(context_, req)
+
+    def _cite(self, out: pb.StreamRagAnswerResponse, answer: str, kept: list[RagPassage], route_class: str) -> None:
+        found = find_citations(answer, len(kept))
+        out.citations.extend(
+            pb.Citation(number=n, passage=_passage(n, kept[n - 1]), answer_offset=at) for n, at in found.cited
+        )
+        out.invalid_citations.extend(found.invalid)
+        if found.invalid:
+            out.citation_status = pb.CITATION_STATUS_INVALID
+            cited = ", ".join(f"[{n}]" for n in found.invalid)
+            out.citation_notice = (
+                f"The answer cites {cited}, which no passage has (it was given {len(kept)}): treat it as unsupported."
+            )
+        elif found.cited:
+            out.citation_status = pb.CITATION_STATUS_CITED
+        elif route_class in self._citations_required:
+            out.citation_status = pb.CITATION_STATUS_MISSING
+            out.citation_notice = (
+                f"The answer cites none of the {len(kept)} passages it was given, although route class "
+                f"{route_class!r} requires citations: it is not backed by the sources."
+            )
+        else:
+            out.citation_status = pb.CITATION_STATUS_NONE
 
     async def GetVersion(
         self, request: pb.GetVersionRequest, context_: grpc.aio.ServicerContext

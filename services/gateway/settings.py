@@ -14,6 +14,7 @@ from services.common.settings import ServiceSettings
 from services.gateway.auth import AuthConfig
 from services.gateway.cache.config import CacheConfig
 from services.gateway.limits.base import LimitsConfig
+from services.gateway.rag import RagConfig
 from services.gateway.redaction import PiiType
 from services.gateway.routing import RoutingConfig
 
@@ -43,6 +44,9 @@ class RouteClassConfig(BaseModel):
     #: prompt tokens (chat template and context passages included) a request may send; None = no limit
     max_prompt_tokens: int | None = Field(None, ge=1, le=1_000_000)
     decoding: DecodingDefaults = Field(default_factory=DecodingDefaults)
+    #: RAG answers must cite their passages (policy citation_required_rag): an answer that
+    #: cites none is marked CITATION_STATUS_MISSING with a notice for the reader
+    require_citations: bool = False
 
     @model_validator(mode="after")
     def _order(self) -> RouteClassConfig:
@@ -59,7 +63,11 @@ def _default_classes() -> dict[str, RouteClassConfig]:
             engine="vllm", default_max_tokens=128, max_tokens_limit=256, max_prompt_tokens=1024
         ),
         "rag_long": RouteClassConfig(
-            engine="vllm", default_max_tokens=256, max_tokens_limit=512, max_prompt_tokens=1536
+            engine="vllm",
+            default_max_tokens=256,
+            max_tokens_limit=512,
+            max_prompt_tokens=1536,
+            require_citations=True,
         ),
         "code": RouteClassConfig(
             engine="vllm",
@@ -146,6 +154,7 @@ class GatewaySettings(ServiceSettings):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    rag: RagConfig = Field(default_factory=RagConfig)
     #: reported by GetVersion; "" = read from git at start-up
     build_commit: str = ""
 
