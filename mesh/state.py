@@ -59,7 +59,7 @@ class MeshState:
     def channel(self, service: str, identity: str = "cli") -> grpc.aio.Channel:
         """A channel to "gateway", "registry" or "control-plane", as `identity` in mesh mode."""
         target = {"gateway": self.gateway, "registry": self.registry, "control-plane": self.control_plane}[service]
-        bearer = [BearerToken(self.api_key())] if service == "gateway" and self.api_key_file else []
+        bearer = bearer_token(self.api_key()) if service == "gateway" and self.api_key_file else []
         if not self.mesh:
             return insecure_channel(target, interceptors=bearer)
         ident = certs.identity(Path(self.certs_dir), identity, self.namespace)
@@ -76,9 +76,7 @@ class MeshState:
         return Path(self.api_key_file).read_text().strip() if self.api_key_file else ""
 
 
-class BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Sends `authorization: Bearer <key>` on every call of a channel."""
-
+class _Bearer:
     def __init__(self, key: str) -> None:
         self._entry = ("authorization", f"Bearer {key}")
 
@@ -91,8 +89,21 @@ class BearerToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClie
             wait_for_ready=details.wait_for_ready,
         )
 
+
+class _UnaryBearer(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
         return await continuation(self._with_key(details), request)
 
+
+class _StreamBearer(_Bearer, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
         return await continuation(self._with_key(details), request)
+
+
+def bearer_token(key: str) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors sending `authorization: Bearer <key>` on every unary and server-streaming call.
+
+    Two objects, not one class with both bases: a channel files each interceptor under the first
+    kind it is an instance of, so one object would never see the streaming calls.
+    """
+    return [_UnaryBearer(key), _StreamBearer(key)]
