@@ -160,9 +160,14 @@ class _Context:
         await self._inner.write(message)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Metadata = ()) -> NoReturn:
-        if not self._metadata_sent:
-            try:  # retry-after in the headers too: Envoy's transcoder makes HTTP headers of those
-                await self.send_initial_metadata(tuple((k, v) for k, v in trailing_metadata if k == RETRY_AFTER_KEY))
+        retry_after = tuple((k, v) for k, v in trailing_metadata if k == RETRY_AFTER_KEY)
+        # Retry-after goes in the headers too (Envoy's transcoder makes HTTP headers of those).
+        # Nothing else does: a status with no headers before it is "trailers-only", which the
+        # transcoder turns into the HTTP status of the code (401, 400...) even on a streaming
+        # RPC; headers sent first would commit a streaming REST response to 200.
+        if not self._metadata_sent and retry_after:
+            try:
+                await self.send_initial_metadata(retry_after)
             except (grpc.aio.UsageError, grpc.aio.InternalError):  # call already over; trailers carry the id
                 _log.debug("could not send initial metadata before the status", exc_info=True)
         trailers = tuple(trailing_metadata)
