@@ -556,9 +556,7 @@ class RetrievalCore:
     def _build_for(self, tenant: str, index: str, manifest_id: str | None) -> LoadedBuild:
         """The build to search: `manifest_id`, or the current one (re-read when CURRENT changed)."""
         if manifest_id is None:
-            if not self.store.index_exists(tenant, index):
-                raise IndexNotFound(index_name(tenant, index))
-            manifest_id, _ = self.store.current_version(tenant, index)
+            manifest_id, _ = self.store.current_version(tenant, index)  # IndexNotFound if none
             if manifest_id is None:
                 raise NoCurrentBuild(index_name(tenant, index))
         key = (tenant, index, manifest_id)

@@ -49,7 +49,13 @@ class RagServices:
     rerank: GrpcServer
 
     def config(self, **kw: object) -> RagConfig:
-        return RagConfig(**({"retrieval_target": self.retrieval.address, "rerank_target": self.rerank.address} | kw))
+        """Reranking always (the rerank server runs the fallback scorer, which auto would skip)."""
+        defaults = {
+            "retrieval_target": self.retrieval.address,
+            "rerank_target": self.rerank.address,
+            "rerank": "always",
+        }
+        return RagConfig(**(defaults | kw))
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +146,7 @@ async def gateway(rag_services: RagServices) -> AsyncIterator[tuple[gpb_grpc.Gat
         "dev": pipeline(rag_services.config()),
         "acme": pipeline(rag_services.config(anonymous_tenant="acme")),
         "no-rerank": pipeline(rag_services.config(rerank_target="127.0.0.1:1", rerank_timeout_s=0.5)),
+        "auto": pipeline(rag_services.config(rerank="auto")),
     }
     servers = []
     stubs = {}
@@ -245,6 +252,15 @@ async def test_rerank_down_keeps_retrieval_order_and_still_answers(gateway) -> N
     first = messages[0]
     assert first.reranker == "" and not first.passages[0].HasField("rerank_score")
     assert first.passages[0].title == "The Danube" and messages[-1].citation_status == gpb.CITATION_STATUS_CITED
+
+
+async def test_auto_reranks_only_with_a_cross_encoder(gateway) -> None:
+    stubs, engines = gateway
+    engines[0] = _Scripted("The Danube reaches the Black Sea [1].")
+    first = (await _ask(stubs["auto"], "Where does the Danube flow?", top_k=2))[0]
+    # the rerank server here runs the fallback scorer, which ranks worse than retrieval alone
+    assert first.reranker == "" and not first.passages[0].HasField("rerank_score")
+    assert first.passages[0].title == "The Danube"
 
 
 @pytest.mark.parametrize(
