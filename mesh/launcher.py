@@ -50,10 +50,14 @@ class Ports:
     gateway_http: int = 8080
     inference: int = 50051
     registry: int = 50052
+    retrieval: int = 50053
+    rerank: int = 50054
     vllm: int = 8100
     gateway_metrics: int = 9150
     inference_metrics: int = 9151
     registry_metrics: int = 9152
+    retrieval_metrics: int = 9153
+    rerank_metrics: int = 9154
     control_plane_metrics: int = 9160
     # the mesh
     edge: int = 8443
@@ -61,22 +65,27 @@ class Ports:
     gateway_inbound: int = 15050
     inference_inbound: int = 15051
     registry_inbound: int = 15052
-    #: Envoy admin ports: edge, gateway, inference, registry from here up
+    retrieval_inbound: int = 15053
+    rerank_inbound: int = 15054
+    #: Envoy admin ports: edge, gateway, inference, registry, retrieval, rerank from here up
     admin: int = 15900
 
-    def used(self, mesh: bool) -> list[tuple[int, str]]:
+    def used(self, mesh: bool, rag: bool = False) -> list[tuple[int, str]]:
         ports = [
             (self.vllm, "vllm"),
             (self.gateway_metrics, "gateway metrics"),
             (self.inference_metrics, "inference metrics"),
             (self.registry_metrics, "registry metrics"),
         ]
+        if rag:
+            ports += [(self.retrieval_metrics, "retrieval metrics"), (self.rerank_metrics, "rerank metrics")]
         if not mesh:  # in the mesh the services listen on Unix sockets
             return [
                 (self.gateway, "gateway"),
                 (self.gateway_http, "gateway HTTP API"),
                 (self.inference, "inference"),
                 (self.registry, "registry"),
+                *([(self.retrieval, "retrieval"), (self.rerank, "rerank")] if rag else []),
                 *ports,
             ]
         return [
@@ -87,7 +96,8 @@ class Ports:
             (self.gateway_inbound, "gateway sidecar"),
             (self.inference_inbound, "inference sidecar"),
             (self.registry_inbound, "registry sidecar"),
-            *((self.admin + i, "Envoy admin") for i in range(4)),
+            *([(self.retrieval_inbound, "retrieval sidecar"), (self.rerank_inbound, "rerank sidecar")] if rag else []),
+            *((self.admin + i, "Envoy admin") for i in range(6 if rag else 4)),
         ]
 
 
@@ -151,7 +161,7 @@ def _check_free(port: int, what: str) -> None:
 
 
 #: identities the local CA issues: one per service and per client of the mesh
-IDENTITIES = ("edge", "gateway", "inference", "registry", "control-plane", "console", "cli")
+IDENTITIES = ("edge", "gateway", "inference", "registry", "retrieval", "rerank", "control-plane", "console", "cli")
 SEED_REASON = "servemesh up: initial deployment"
 
 
@@ -175,10 +185,13 @@ class Mesh:
         policy_path: Path | None = None,
         gateway_env: dict[str, str] | None = None,
         auth: bool = True,
+        rag: bool = False,
     ) -> None:
         self.home, self.ports, self.engines, self.mesh = home, ports, engines, mesh
         #: gateway requests need an API key; `servemesh up` keeps a dev tenant's key for the CLI
         self.auth = auth
+        #: run retrieval and rerank, and let the gateway answer from indexes (StreamRagAnswer)
+        self.rag = rag
         self.vllm_args, self.model_dir = vllm_args, model_dir
         self.namespace = namespace
         self.gateway_env = gateway_env or {}
@@ -326,6 +339,7 @@ class Mesh:
                 "SERVEMESH_GATEWAY_HTTP_PORT": str(http_port or free_port()),
             }
         )
+        upstream |= self._rag_env(outbound)
         if self.auth:  # keys are verified by the registry, through the sidecar in the mesh
             upstream |= {
                 "SERVEMESH_GATEWAY_AUTH__ENABLED": "true",
@@ -350,6 +364,74 @@ class Mesh:
             await self._sidecar(deployment, "gateway", app, inbound, admin, outbound, app_http=http_sock)
         if self._state_written:
             self.state().write(self.home)
+
+    def _rag_env(self, outbound: Path) -> dict[str, str]:
+        """Where the gateway finds retrieval and rerank (through its sidecar in the mesh)."""
+        if not self.rag:
+            return {"SERVEMESH_GATEWAY_RAG__ENABLED": "false"}
+        env = {"SERVEMESH_GATEWAY_RAG__ENABLED": "true"}
+        for service in ("retrieval", "rerank"):
+            key = f"SERVEMESH_GATEWAY_RAG__{service.upper()}_"
+            if self.mesh:
+                env |= {f"{key}TARGET": f"unix:{outbound}", f"{key}AUTHORITY": service}
+            else:
+                env |= {f"{key}TARGET": f"127.0.0.1:{getattr(self.ports, service)}", f"{key}AUTHORITY": ""}
+        return env
+
+    async def start_rag(self) -> None:
+        """Retrieval and rerank (and their sidecars), sharing the embedding model's ONNX export."""
+        p = self.ports
+        onnx = str(self.home / "models" / "onnx")
+        for i, (service, port, metrics, inbound, env) in enumerate(
+            (
+                (
+                    "retrieval",
+                    p.retrieval,
+                    p.retrieval_metrics,
+                    p.retrieval_inbound,
+                    {
+                        "SERVEMESH_RETRIEVAL_DATA_DIR": str(self.home / "retrieval"),
+                        "SERVEMESH_RETRIEVAL_EMBEDDING_CACHE_DIR": onnx,
+                        "SERVEMESH_RETRIEVAL_TRUST_FORWARDED_IDENTITY": str(self.mesh).lower(),
+                    },
+                ),
+                (
+                    "rerank",
+                    p.rerank,
+                    p.rerank_metrics,
+                    p.rerank_inbound,
+                    {"SERVEMESH_RERANK_EMBEDDING_CACHE_DIR": onnx},
+                ),
+            )
+        ):
+            prefix = f"SERVEMESH_{service.upper()}_"
+            target, app_env, app = self._app(service, port, prefix)
+            deployment = f"{service}-stable"
+            await self.register(
+                registry_pb2.Deployment(
+                    name=f"deployments/{deployment}",
+                    service=service,
+                    version="stable",
+                    endpoint=self._endpoint(port, inbound),
+                ),
+                registry_pb2.Route(
+                    name=f"routes/{service}",
+                    service=service,
+                    backends=[registry_pb2.WeightedBackend(deployment=f"deployments/{deployment}", weight=100)],
+                ),
+            )
+            await self._run(
+                self._service(
+                    deployment,
+                    f"services.{service}.server",
+                    target,
+                    **{f"{prefix}METRICS_PORT": str(metrics)},
+                    **app_env,
+                    **env,
+                )
+            )
+            if self.mesh:
+                await self._sidecar(deployment, service, app, inbound, p.admin + 4 + i)
 
     @property
     def dev_key_path(self) -> Path:
@@ -399,6 +481,7 @@ class Mesh:
                 mesh=False,
                 gateway=f"127.0.0.1:{p.gateway}",
                 registry=f"127.0.0.1:{p.registry}",
+                retrieval=f"127.0.0.1:{p.retrieval}" if self.rag else "",
                 openai=f"http://127.0.0.1:{p.gateway_http}/openai/v1",
                 api_key_file=str(self.dev_key_path) if self.auth else "",
             )
@@ -406,6 +489,7 @@ class Mesh:
             mesh=True,
             gateway=f"127.0.0.1:{p.edge}",
             registry=f"127.0.0.1:{p.registry_inbound}",
+            retrieval=f"127.0.0.1:{p.retrieval_inbound}" if self.rag else "",
             openai=f"https://127.0.0.1:{p.edge}/openai/v1",
             api_key_file=str(self.dev_key_path) if self.auth else "",
             control_plane=f"127.0.0.1:{p.control_plane}",
@@ -510,6 +594,8 @@ class Mesh:
         )
         if self.auth:
             await self._ensure_dev_key()
+        if self.rag:
+            await self.start_rag()
         await self.start_inference(
             "inference-stable", p.inference, p.inference_metrics, p.inference_inbound, p.admin + 2
         )
@@ -568,6 +654,7 @@ def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
             f"  edge        https://127.0.0.1:{p.edge}  (TLS: gRPC and REST/JSON, CA {home / 'certs' / 'ca.crt'})",
             f"  OpenAI API  https://127.0.0.1:{p.edge}/openai/v1  (through the edge; Bearer API key)",
             f"  registry    127.0.0.1:{p.registry_inbound}  (mTLS, internal; `servemesh route list`)",
+            f"  retrieval   127.0.0.1:{p.retrieval_inbound}  (mTLS, internal; `servemesh index list`)",
             f"  control     127.0.0.1:{p.control_plane}  (xDS, mTLS; `servemesh mesh status`)",
         ]
     else:
@@ -575,6 +662,7 @@ def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
             f"  gateway     127.0.0.1:{p.gateway}  (gRPC, plaintext: --no-mesh)",
             f"  OpenAI API  http://127.0.0.1:{p.gateway_http}/openai/v1  (plaintext: --no-mesh)",
             f"  registry    127.0.0.1:{p.registry}  (gRPC, plaintext)",
+            f"  retrieval   127.0.0.1:{p.retrieval}  (gRPC, plaintext; rerank on {p.rerank})",
         ]
     key = home / "secrets" / ("dev-api-key" if mesh_mode else "dev-api-key-no-mesh")
     lines += [
@@ -582,6 +670,7 @@ def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
         f"  vLLM        {vllm_args.url}  (OpenAI-compatible, internal)",
         f"  metrics     http://127.0.0.1:{p.gateway_metrics}/metrics  http://127.0.0.1:{p.inference_metrics}/metrics",
         'try: servemesh generate "Write a haiku about meshes"    (Ctrl-C stops everything)',
+        '     servemesh index build docs ./my-docs && servemesh ask --rag "What do my docs say about X?"',
     ]
     return "\n".join(lines)
 
@@ -596,12 +685,12 @@ async def run_up(
     *,
     mesh_mode: bool = True,
 ) -> None:
-    for port, what in ports.used(mesh_mode):
+    for port, what in ports.used(mesh_mode, rag=True):
         _check_free(port, what)
     model_dir = prepare(home / "models")
     vllm_python = await asyncio.to_thread(ensure_venv, home / "venvs" / "vllm", log)
     engines = local_engines(vllm_args, model_dir, small_engine)
-    mesh = Mesh(home, ports, engines, log, vllm_args=vllm_args, model_dir=model_dir, mesh=mesh_mode)
+    mesh = Mesh(home, ports, engines, log, vllm_args=vllm_args, model_dir=model_dir, mesh=mesh_mode, rag=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

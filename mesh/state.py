@@ -25,6 +25,8 @@ class MeshState:
     gateway: str
     #: the registry: its sidecar's inbound listener (mTLS) in mesh mode
     registry: str
+    #: the retrieval service (its sidecar's inbound listener in mesh mode); "" = not running
+    retrieval: str = ""
     #: base URL of the gateway's OpenAI-compatible API (through the edge in mesh mode)
     openai: str = ""
     #: the dev tenant's API key (a 0600 file) that gateway channels send; "" = auth is off
@@ -57,8 +59,14 @@ class MeshState:
         (home / "run" / "mesh.json").unlink(missing_ok=True)
 
     def channel(self, service: str, identity: str = "cli") -> grpc.aio.Channel:
-        """A channel to "gateway", "registry" or "control-plane", as `identity` in mesh mode."""
-        target = {"gateway": self.gateway, "registry": self.registry, "control-plane": self.control_plane}[service]
+        """A channel to "gateway", "registry", "retrieval" or "control-plane", as `identity` in mesh mode."""
+        targets = {
+            "gateway": self.gateway,
+            "registry": self.registry,
+            "retrieval": self.retrieval,
+            "control-plane": self.control_plane,
+        }
+        target = targets[service]
         bearer = bearer_token(self.api_key()) if service == "gateway" and self.api_key_file else []
         if not self.mesh:
             return insecure_channel(target, interceptors=bearer)

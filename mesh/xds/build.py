@@ -37,6 +37,8 @@ IDEMPOTENT_METHODS: dict[str, tuple[str, ...]] = {
         "ListApiKeys",
         "VerifyApiKey",
     ),
+    "retrieval": ("Search", "ListIndexes", "ListManifests", "GetManifest"),
+    "rerank": ("Rerank", "GetScorer"),
 }
 #: services the edge exposes, with their gRPC services
 EDGE_SERVICES = {"gateway": (gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name,)}
