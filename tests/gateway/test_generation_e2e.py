@@ -327,5 +327,5 @@ async def test_reflection_client_lists_and_calls_every_gateway_rpc(mesh) -> None
 
     services, methods, engine = await asyncio.to_thread(generic_client)
     assert {"servemesh.gateway.v1.GatewayService", "grpc.health.v1.Health"} <= services
-    assert methods == {"StreamGenerate", "Generate", "GetVersion"}
+    assert methods == {"StreamGenerate", "Generate", "StreamRagAnswer", "GetVersion"}
     assert engine == "engines/vllm"
