@@ -7,7 +7,6 @@ import sys
 
 from prometheus_client import CollectorRegistry
 from servemesh.retrieval.v1 import retrieval_pb2, retrieval_pb2_grpc
-from services.retrieval.store import IndexStore
 
 from services.common.embedding import Embedder
 from services.common.logging import configure_logging
@@ -17,6 +16,7 @@ from services.common.tracing import configure_tracing
 from services.retrieval.core import RetrievalCore
 from services.retrieval.servicer import RetrievalServicer
 from services.retrieval.settings import RetrievalSettings
+from services.retrieval.store import IndexStore
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
