@@ -297,7 +297,9 @@ async def test_engines_report_live_state(inference_channel, prepared_model) -> N
     assert e.max_model_len == 2048 and 0.0 <= e.kv_cache_usage <= 1.0 and e.queue_depth >= 0
     assert e.model_card_sha256 == hashlib.sha256((prepared_model[0] / "card.json").read_bytes()).hexdigest()
     assert e.HasField("update_time") and e.HasField("recent_ttft_p50")  # earlier tests generated
-    assert 0 < e.recent_ttft_p50.ToTimedelta().total_seconds() < 10
+    # the p50 of the requests that got their first token in the last health poll (0.5 s): a
+    # long prompt just before makes it large, so only "live and finite" is checked here
+    assert 0 < e.recent_ttft_p50.ToTimedelta().total_seconds() < 120
     for name, code in (("engines/nope", grpc.StatusCode.NOT_FOUND), ("vllm", grpc.StatusCode.INVALID_ARGUMENT)):
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.GetEngine(ipb.GetEngineRequest(name=name))
