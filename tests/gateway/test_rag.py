@@ -226,14 +226,20 @@ async def test_a_citation_of_a_passage_that_was_not_given_is_invalid(gateway) ->
 async def test_the_budget_trims_the_lowest_ranked_passages_and_numbers_what_is_left(gateway) -> None:
     stubs, engines = gateway
     engines[0] = _Scripted("Answer [1].")
+    untrimmed = await _ask(
+        stubs["dev"], "Which valve opens under ventricular pressure?", top_k=5, route_class="rag_loose"
+    )
     messages = await _ask(
         stubs["dev"], "Which valve opens under ventricular pressure?", top_k=5, route_class="rag_tight"
     )
+    ranked = [p.chunk_id for p in untrimmed[0].passages]  # the same five, best first, nothing trimmed
     kept = messages[0].passages
     removed = list(messages[-1].trimmed.passage_ids_removed)
-    assert 1 <= len(kept) < 5 and removed and len(kept) + len(removed) == 5
+    assert len(ranked) == 5 and 1 <= len(kept) < 5
+    # the best passages stay, in rank order; the rest go, lowest-ranked first
+    assert [p.chunk_id for p in kept] == ranked[: len(kept)]
+    assert removed == ranked[len(kept) :][::-1]
     assert [p.number for p in kept] == list(range(1, len(kept) + 1))
-    assert not {p.chunk_id for p in kept} & set(removed)
     context = next(m.content for m in engines[0].messages if m.role is Role.SYSTEM)
     assert f"[{len(kept)}]" in context and f"[{len(kept) + 1}]" not in context
 
