@@ -33,6 +33,7 @@ Home = Annotated[
 Tenant = Annotated[str, typer.Option(help="Tenant whose index this is.")]
 IndexId = Annotated[str, typer.Argument(help="Index id, e.g. docs.")]
 UPLOAD_CHUNK = 1024 * 1024
+SUFFIXES = {".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf"}
 STAGES = {
     pb.BUILD_STAGE_CHUNKING: "chunking",
     pb.BUILD_STAGE_EMBEDDING: "embedding",
@@ -79,9 +80,6 @@ def _files(paths: list[Path]) -> list[Path]:
             err.print(f"[red]error:[/red] {escape(str(path))} does not exist")
             raise typer.Exit(1)
     return files
-
-
-SUFFIXES = {".txt", ".text", ".md", ".markdown", ".html", ".htm", ".pdf"}
 
 
 def _parse_meta(pairs: list[str]) -> dict[str, str]:

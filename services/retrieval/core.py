@@ -184,17 +184,7 @@ class LoadedBuild:
         postings: dict[tuple[str, str], list[int]] = {}
         with (path / CHUNKS_FILE).open(encoding="utf-8") as f:
             for row, line in enumerate(f):
-                c = json.loads(line)
-                chunk = Chunk(
-                    chunk_id=c["chunk_id"],
-                    document_id=c["document_id"],
-                    title=c["title"],
-                    headings=tuple(c["headings"]),
-                    text=c["text"],
-                    start=c["start"],
-                    end=c["end"],
-                    metadata=c["metadata"],
-                )
+                chunk = Chunk.from_dict(json.loads(line))
                 chunks.append(chunk)
                 for pair in chunk.metadata.items():
                     postings.setdefault(pair, []).append(row)
@@ -460,17 +450,7 @@ class RetrievalCore:
             sparse.save(path / "sparse")
             with (path / CHUNKS_FILE).open("w", encoding="utf-8") as f:
                 for c in chunks:
-                    row = {
-                        "chunk_id": c.chunk_id,
-                        "document_id": c.document_id,
-                        "title": c.title,
-                        "headings": list(c.headings),
-                        "text": c.text,
-                        "start": c.start,
-                        "end": c.end,
-                        "metadata": dict(c.metadata),
-                    }
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    f.write(json.dumps(c.to_dict(), ensure_ascii=False) + "\n")
             inputs = [(d.document_id, d.content_sha256, per_doc[d.document_id]) for d in docs]
             record = writer.commit(
                 ManifestRecord(

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class MediaType(StrEnum):
@@ -73,3 +74,11 @@ class Chunk:
         deep in a section still matches its document's subject."""
         context = " > ".join(h for h in (self.title, *self.headings) if h)
         return f"{context}\n{self.text}" if context else self.text
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (a build's chunks.jsonl holds one per line)."""
+        return asdict(self) | {"headings": list(self.headings), "metadata": dict(self.metadata)}
+
+    @classmethod
+    def from_dict(cls, row: Mapping[str, Any]) -> Chunk:
+        return cls(**{**row, "headings": tuple(row["headings"])})
