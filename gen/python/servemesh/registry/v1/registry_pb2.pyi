@@ -36,6 +36,7 @@ class Deployment(_message.Message):
     ENGINE_FIELD_NUMBER: _builtins.int
     MODEL_ID_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    METRICS_URL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required on create. Resource name `deployments/{deployment}`; the id is
     1-63 characters of a-z, 0-9 and '-', starting with a letter.
@@ -63,6 +64,11 @@ class Deployment(_message.Message):
     """Optional. The model it serves: 1-256 printable ASCII characters, no
     spaces.
     """
+    metrics_url: _builtins.str
+    """Optional. Where its Prometheus metrics are scraped, an http URL of at
+    most 512 characters (e.g. "http://127.0.0.1:9151/metrics"); rollout
+    analysis reads the canary's and stable's service metrics there.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When it was registered."""
@@ -77,10 +83,11 @@ class Deployment(_message.Message):
         engine: _builtins.str = ...,
         model_id: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        metrics_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "endpoint", b"endpoint", "engine", b"engine", "model_id", b"model_id", "name", b"name", "service", b"service", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "endpoint", b"endpoint", "engine", b"engine", "metrics_url", b"metrics_url", "model_id", b"model_id", "name", b"name", "service", b"service", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -166,6 +173,7 @@ class Route(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    MIRRORS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Required on create. Resource name `routes/{route}`; same id rules as a
     deployment.
@@ -211,6 +219,15 @@ class Route(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the route last changed."""
 
+    @_builtins.property
+    def mirrors(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteMirror]:
+        """Optional. Shadow traffic: copies of a share of the route's requests sent
+        to other deployments (Envoy request mirroring). Their responses are
+        discarded, never returned to a caller. At most 4, each deployment at
+        most once; a mirror may not also be one of the backends with a positive
+        weight.
+        """
+
     def __init__(
         self,
         *,
@@ -224,14 +241,43 @@ class Route(_message.Message):
         etag: _builtins.str = ...,
         revision: _builtins.int = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        mirrors: _abc.Iterable[Global___RouteMirror] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "etag", b"etag", "header_overrides", b"header_overrides", "locked", b"locked", "name", b"name", "revision", b"revision", "route_class", b"route_class", "service", b"service", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "etag", b"etag", "header_overrides", b"header_overrides", "locked", b"locked", "mirrors", b"mirrors", "name", b"name", "revision", b"revision", "route_class", b"route_class", "service", b"service", "timeout", b"timeout", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Route: _TypeAlias = Route  # noqa: Y015
+
+@_typing.final
+class RouteMirror(_message.Message):
+    """Copies of a share of a route's requests, sent to one deployment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    deployment: _builtins.str
+    """Required. The deployment, as `deployments/{deployment}`; it must exist
+    and implement the route's service.
+    """
+    percent: _builtins.float
+    """Required. Share of the route's requests copied, in percent, in (0, 100]."""
+    def __init__(
+        self,
+        *,
+        deployment: _builtins.str = ...,
+        percent: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteMirror: _TypeAlias = RouteMirror  # noqa: Y015
 
 @_typing.final
 class AuditEntry(_message.Message):
@@ -253,6 +299,10 @@ class AuditEntry(_message.Message):
         """The resource was changed."""
         ACTION_DELETE: AuditEntry._Action.ValueType  # 3
         """The resource was removed."""
+        ACTION_TRANSITION: AuditEntry._Action.ValueType  # 4
+        """A rollout's state changed (paused, resumed, promoted, aborted, rolled
+        back, stepped).
+        """
 
     class Action(_Action, metaclass=_ActionEnumTypeWrapper):
         """What was done."""
@@ -265,6 +315,10 @@ class AuditEntry(_message.Message):
     """The resource was changed."""
     ACTION_DELETE: AuditEntry.Action.ValueType  # 3
     """The resource was removed."""
+    ACTION_TRANSITION: AuditEntry.Action.ValueType  # 4
+    """A rollout's state changed (paused, resumed, promoted, aborted, rolled
+    back, stepped).
+    """
 
     REVISION_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
@@ -693,7 +747,7 @@ class UpdateRouteRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Required. Fields to replace: any of backends, header_overrides, locked,
-        timeout.
+        timeout, mirrors.
         """
 
     def __init__(
@@ -1517,3 +1571,939 @@ class VerifyApiKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyApiKeyResponse: _TypeAlias = VerifyApiKeyResponse  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    """A progressive rollout of a canary deployment on one route: shadow traffic,
+    then growing shares of the route's traffic (e.g. 1%, 10%, 50%, 100%), each
+    step held for its pause while analysis compares the canary with the
+    stable deployment over the same windows. A failed analysis rolls the
+    canary back to weight 0 automatically.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Rollout._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: Rollout._State.ValueType  # 0
+        """Not used."""
+        STATE_PENDING: Rollout._State.ValueType  # 1
+        """Created; the controller has not taken its first step yet."""
+        STATE_PROGRESSING: Rollout._State.ValueType  # 2
+        """Walking its steps."""
+        STATE_PAUSED: Rollout._State.ValueType  # 3
+        """Held at its current step (by an operator, or after too many
+        inconclusive analysis windows).
+        """
+        STATE_PROMOTED: Rollout._State.ValueType  # 4
+        """Ended: the canary has all of the route's traffic."""
+        STATE_ABORTED: Rollout._State.ValueType  # 5
+        """Ended: an operator stopped it; the canary gets no traffic."""
+        STATE_ROLLED_BACK: Rollout._State.ValueType  # 6
+        """Ended: analysis failed; the canary gets no traffic."""
+
+    class State(_State, metaclass=_StateEnumTypeWrapper):
+        """Where a rollout is."""
+
+    STATE_UNSPECIFIED: Rollout.State.ValueType  # 0
+    """Not used."""
+    STATE_PENDING: Rollout.State.ValueType  # 1
+    """Created; the controller has not taken its first step yet."""
+    STATE_PROGRESSING: Rollout.State.ValueType  # 2
+    """Walking its steps."""
+    STATE_PAUSED: Rollout.State.ValueType  # 3
+    """Held at its current step (by an operator, or after too many
+    inconclusive analysis windows).
+    """
+    STATE_PROMOTED: Rollout.State.ValueType  # 4
+    """Ended: the canary has all of the route's traffic."""
+    STATE_ABORTED: Rollout.State.ValueType  # 5
+    """Ended: an operator stopped it; the canary gets no traffic."""
+    STATE_ROLLED_BACK: Rollout.State.ValueType  # 6
+    """Ended: analysis failed; the canary gets no traffic."""
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    STABLE_DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    CANARY_DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    ANALYSIS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CURRENT_STEP_FIELD_NUMBER: _builtins.int
+    STEP_START_TIME_FIELD_NUMBER: _builtins.int
+    APPLIED_WEIGHT_FIELD_NUMBER: _builtins.int
+    APPLIED_MIRROR_PERCENT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
+    HISTORY_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required on create. Resource name `rollouts/{rollout}`; same id rules as
+    a deployment.
+    """
+    route: _builtins.str
+    """Required. The route whose traffic moves, as `routes/{route}`. It must
+    not be locked, and must send the stable deployment traffic. Immutable.
+    """
+    stable_deployment: _builtins.str
+    """Required. The deployment the route sends traffic to now, as
+    `deployments/{deployment}`. Immutable.
+    """
+    canary_deployment: _builtins.str
+    """Required. The new deployment, as `deployments/{deployment}`; it must
+    implement the route's service and differ from stable. Immutable.
+    """
+    state: Global___Rollout.State.ValueType
+    """Output only. Where the rollout is."""
+    current_step: _builtins.int
+    """Output only. Index of the step being held, in [0, len(steps)]; equal to
+    len(steps) once every step is done (or after PromoteRollout).
+    """
+    applied_weight: _builtins.int
+    """Output only. Canary weight (percent of the route's traffic) the
+    controller last applied to the route, and the mirrored share.
+    """
+    applied_mirror_percent: _builtins.float
+    """Output only. Share of requests mirrored to the canary the controller
+    last applied, in percent.
+    """
+    message: _builtins.str
+    """Output only. Why the rollout is where it is, for people, e.g. the
+    failed measurement that rolled it back.
+    """
+    etag: _builtins.str
+    """Output only. Opaque version; UpdateRolloutStatus sends it back."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutStep]:
+        """Optional. The steps, 1-20 of them, in order; empty means the default:
+        shadow 10% for 1 min, then 1%, 10%, 50% for 1 min each with analysis,
+        then 100%. Immutable.
+        """
+
+    @_builtins.property
+    def analysis(self) -> Global___AnalysisSpec:
+        """Optional. How analysis judges the canary; unset fields take their
+        defaults. Immutable.
+        """
+
+    @_builtins.property
+    def step_start_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When the current step (or its resumed pause) began."""
+
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnalysisWindow]:
+        """Output only. The analysis windows, newest last; at most the last 100."""
+
+    @_builtins.property
+    def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutEvent]:
+        """Output only. Every state change and step, oldest first."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        route: _builtins.str = ...,
+        stable_deployment: _builtins.str = ...,
+        canary_deployment: _builtins.str = ...,
+        steps: _abc.Iterable[Global___RolloutStep] | None = ...,
+        analysis: Global___AnalysisSpec | None = ...,
+        state: Global___Rollout.State.ValueType = ...,
+        current_step: _builtins.int = ...,
+        step_start_time: _timestamp_pb2.Timestamp | None = ...,
+        applied_weight: _builtins.int = ...,
+        applied_mirror_percent: _builtins.float = ...,
+        message: _builtins.str = ...,
+        windows: _abc.Iterable[Global___AnalysisWindow] | None = ...,
+        history: _abc.Iterable[Global___RolloutEvent] | None = ...,
+        etag: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "create_time", b"create_time", "step_start_time", b"step_start_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "applied_mirror_percent", b"applied_mirror_percent", "applied_weight", b"applied_weight", "canary_deployment", b"canary_deployment", "create_time", b"create_time", "current_step", b"current_step", "etag", b"etag", "history", b"history", "message", b"message", "name", b"name", "route", b"route", "stable_deployment", b"stable_deployment", "state", b"state", "step_start_time", b"step_start_time", "steps", b"steps", "update_time", b"update_time", "windows", b"windows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class RolloutStep(_message.Message):
+    """One step of a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    MIRROR_PERCENT_FIELD_NUMBER: _builtins.int
+    PAUSE_FIELD_NUMBER: _builtins.int
+    ANALYSIS_FIELD_NUMBER: _builtins.int
+    weight: _builtins.int
+    """Required. Canary share of the route's traffic during the step, in
+    percent, in [0, 100]. 0 with mirror_percent > 0 is a shadow step.
+    """
+    mirror_percent: _builtins.float
+    """Optional. Share of the route's requests also copied to the canary, in
+    percent, in [0, 100]; their responses are discarded.
+    """
+    analysis: _builtins.bool
+    """Optional. Whether analysis windows run during the pause; every window
+    must pass (none inconclusive) for the step to be taken.
+    """
+    @_builtins.property
+    def pause(self) -> _duration_pb2.Duration:
+        """Optional. How long the step is held, in [0, 24h]. 0 means until an
+        operator resumes or promotes (the rollout pauses there). The last step,
+        if its weight is 100, is not held.
+        """
+
+    def __init__(
+        self,
+        *,
+        weight: _builtins.int = ...,
+        mirror_percent: _builtins.float = ...,
+        pause: _duration_pb2.Duration | None = ...,
+        analysis: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pause", b"pause"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis", b"analysis", "mirror_percent", b"mirror_percent", "pause", b"pause", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutStep: _TypeAlias = RolloutStep  # noqa: Y015
+
+@_typing.final
+class AnalysisSpec(_message.Message):
+    """Thresholds of a rollout's analysis; every window compares the canary with
+    the stable deployment over the same interval.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    MIN_REQUESTS_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATE_MARGIN_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _builtins.int
+    MAX_COST_RATIO_FIELD_NUMBER: _builtins.int
+    GOLDEN_SET_FIELD_NUMBER: _builtins.int
+    MAX_GOLDEN_DROP_FIELD_NUMBER: _builtins.int
+    INCONCLUSIVE_LIMIT_FIELD_NUMBER: _builtins.int
+    min_requests: _builtins.int
+    """Optional. Fewer requests than this to either deployment in a window make
+    it inconclusive, never a pass; in [1, 1000000]; default 20.
+    """
+    max_error_rate: _builtins.float
+    """Optional. Canary error rate (server errors / requests) above this fails,
+    in (0, 1]; default 0.01.
+    """
+    max_error_rate_margin: _builtins.float
+    """Optional. Canary error rate more than this above stable's fails, in (0,
+    1]; default 0.005.
+    """
+    max_latency_ratio: _builtins.float
+    """Optional. Canary p99 latency above this multiple of stable's fails, in
+    (1, 100]; default 3.
+    """
+    max_cost_ratio: _builtins.float
+    """Optional. Canary cost per request (tokens) above this multiple of
+    stable's fails, in (1, 100]; default 2.
+    """
+    golden_set: _builtins.str
+    """Optional. Golden set (a name known to the controller, e.g. "smoke") run
+    against both deployments each window; empty for none. At most 63
+    characters of a-z, 0-9, '_' and '-'.
+    """
+    max_golden_drop: _builtins.float
+    """Optional. A canary golden pass rate lower than stable's by more than
+    this fraction of stable's fails, in (0, 1]; default 0.1.
+    """
+    inconclusive_limit: _builtins.int
+    """Optional. This many inconclusive windows in a row pause the rollout, in
+    [1, 100]; default 6.
+    """
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """Optional. Length of one analysis window, in [5s, 1h]; default 10s."""
+
+    def __init__(
+        self,
+        *,
+        window: _duration_pb2.Duration | None = ...,
+        min_requests: _builtins.int = ...,
+        max_error_rate: _builtins.float = ...,
+        max_error_rate_margin: _builtins.float = ...,
+        max_latency_ratio: _builtins.float = ...,
+        max_cost_ratio: _builtins.float = ...,
+        golden_set: _builtins.str = ...,
+        max_golden_drop: _builtins.float = ...,
+        inconclusive_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["golden_set", b"golden_set", "inconclusive_limit", b"inconclusive_limit", "max_cost_ratio", b"max_cost_ratio", "max_error_rate", b"max_error_rate", "max_error_rate_margin", b"max_error_rate_margin", "max_golden_drop", b"max_golden_drop", "max_latency_ratio", b"max_latency_ratio", "min_requests", b"min_requests", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalysisSpec: _TypeAlias = AnalysisSpec  # noqa: Y015
+
+@_typing.final
+class Measurement(_message.Message):
+    """One measurement of one analysis window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Verdict:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _VerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Measurement._Verdict.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        VERDICT_UNSPECIFIED: Measurement._Verdict.ValueType  # 0
+        """Not used."""
+        VERDICT_PASS: Measurement._Verdict.ValueType  # 1
+        """Within its threshold."""
+        VERDICT_FAIL: Measurement._Verdict.ValueType  # 2
+        """Over its threshold."""
+        VERDICT_INCONCLUSIVE: Measurement._Verdict.ValueType  # 3
+        """Too little data to judge."""
+
+    class Verdict(_Verdict, metaclass=_VerdictEnumTypeWrapper):
+        """What the measurement judged."""
+
+    VERDICT_UNSPECIFIED: Measurement.Verdict.ValueType  # 0
+    """Not used."""
+    VERDICT_PASS: Measurement.Verdict.ValueType  # 1
+    """Within its threshold."""
+    VERDICT_FAIL: Measurement.Verdict.ValueType  # 2
+    """Over its threshold."""
+    VERDICT_INCONCLUSIVE: Measurement.Verdict.ValueType  # 3
+    """Too little data to judge."""
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    CANARY_FIELD_NUMBER: _builtins.int
+    STABLE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """Output only. The metric: "requests", "error_rate", "latency_p99_s",
+    "cost_per_request", "golden_pass_rate".
+    """
+    canary: _builtins.float
+    """Output only. The canary's value."""
+    stable: _builtins.float
+    """Output only. The stable deployment's value."""
+    threshold: _builtins.float
+    """Output only. The limit the canary's value was held to."""
+    verdict: Global___Measurement.Verdict.ValueType
+    """Output only. The verdict."""
+    detail: _builtins.str
+    """Output only. For people, e.g. "canary 4.8% errors > 1%"."""
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        canary: _builtins.float = ...,
+        stable: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        verdict: Global___Measurement.Verdict.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canary", b"canary", "detail", b"detail", "metric", b"metric", "stable", b"stable", "threshold", b"threshold", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Measurement: _TypeAlias = Measurement  # noqa: Y015
+
+@_typing.final
+class AnalysisWindow(_message.Message):
+    """One analysis window of a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    MEASUREMENTS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Output only. The step held during the window."""
+    verdict: Global___Measurement.Verdict.ValueType
+    """Output only. Fail if any measurement failed; else inconclusive if any
+    was; else pass.
+    """
+    source: _builtins.str
+    """Output only. Where the numbers came from, e.g. "envoy" or
+    "prometheus".
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. Start of the window."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. End of the window."""
+
+    @_builtins.property
+    def measurements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Measurement]:
+        """Output only. The measurements."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        step: _builtins.int = ...,
+        verdict: Global___Measurement.Verdict.ValueType = ...,
+        measurements: _abc.Iterable[Global___Measurement] | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "measurements", b"measurements", "source", b"source", "start_time", b"start_time", "step", b"step", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AnalysisWindow: _TypeAlias = AnalysisWindow  # noqa: Y015
+
+@_typing.final
+class RolloutEvent(_message.Message):
+    """A state change or step of a rollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    FROM_STATE_FIELD_NUMBER: _builtins.int
+    TO_STATE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    """Output only. Who: the caller's identity, as in AuditEntry.actor."""
+    from_state: Global___Rollout.State.ValueType
+    """Output only. State before."""
+    to_state: Global___Rollout.State.ValueType
+    """Output only. State after."""
+    step: _builtins.int
+    """Output only. The current step after the event."""
+    reason: _builtins.str
+    """Output only. The reason given."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        from_state: Global___Rollout.State.ValueType = ...,
+        to_state: Global___Rollout.State.ValueType = ...,
+        step: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "from_state", b"from_state", "reason", b"reason", "step", b"step", "time", b"time", "to_state", b"to_state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutEvent: _TypeAlias = RolloutEvent  # noqa: Y015
+
+@_typing.final
+class CreateRolloutRequest(_message.Message):
+    """Request of CreateRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Required. Why, for the audit log; 1-500 characters."""
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Required. The rollout: name, route, stable and canary deployments, and
+        optionally steps and analysis; output-only fields are ignored.
+        """
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRolloutRequest: _TypeAlias = CreateRolloutRequest  # noqa: Y015
+
+@_typing.final
+class CreateRolloutResponse(_message.Message):
+    """Response of CreateRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Output only. The rollout as stored, pending, with defaults filled in."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateRolloutResponse: _TypeAlias = CreateRolloutResponse  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    """Request of GetRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `rollouts/{rollout}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutResponse(_message.Message):
+    """Response of GetRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Output only. The rollout."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutResponse: _TypeAlias = GetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ListRolloutsRequest(_message.Message):
+    """Request of ListRollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROUTE_FIELD_NUMBER: _builtins.int
+    ACTIVE_ONLY_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    route: _builtins.str
+    """Optional. Only rollouts of this route, `routes/{route}`."""
+    active_only: _builtins.bool
+    """Optional. Only rollouts that have not ended (pending, progressing,
+    paused).
+    """
+    page_size: _builtins.int
+    """Optional. At most this many, in [0, 500]; 0 means 100."""
+    page_token: _builtins.str
+    """Optional. next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        route: _builtins.str = ...,
+        active_only: _builtins.bool = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_only", b"active_only", "page_size", b"page_size", "page_token", b"page_token", "route", b"route"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsRequest: _TypeAlias = ListRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class ListRolloutsResponse(_message.Message):
+    """Response of ListRollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Output only. Token of the next page; empty on the last."""
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]:
+        """Output only. The rollouts, newest first."""
+
+    def __init__(
+        self,
+        *,
+        rollouts: _abc.Iterable[Global___Rollout] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsResponse: _TypeAlias = ListRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class PauseRolloutRequest(_message.Message):
+    """Request of PauseRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `rollouts/{rollout}`."""
+    reason: _builtins.str
+    """Required. Why, for the audit log; 1-500 characters."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutRequest: _TypeAlias = PauseRolloutRequest  # noqa: Y015
+
+@_typing.final
+class PauseRolloutResponse(_message.Message):
+    """Response of PauseRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Output only. The rollout as stored."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseRolloutResponse: _TypeAlias = PauseRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutRequest(_message.Message):
+    """Request of ResumeRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `rollouts/{rollout}`."""
+    reason: _builtins.str
+    """Required. Why, for the audit log; 1-500 characters."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutRequest: _TypeAlias = ResumeRolloutRequest  # noqa: Y015
+
+@_typing.final
+class ResumeRolloutResponse(_message.Message):
+    """Response of ResumeRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Output only. The rollout as stored."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeRolloutResponse: _TypeAlias = ResumeRolloutResponse  # noqa: Y015
+
+@_typing.final
+class PromoteRolloutRequest(_message.Message):
+    """Request of PromoteRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `rollouts/{rollout}`."""
+    reason: _builtins.str
+    """Required. Why, for the audit log; 1-500 characters."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRolloutRequest: _TypeAlias = PromoteRolloutRequest  # noqa: Y015
+
+@_typing.final
+class PromoteRolloutResponse(_message.Message):
+    """Response of PromoteRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Output only. The rollout as stored."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRolloutResponse: _TypeAlias = PromoteRolloutResponse  # noqa: Y015
+
+@_typing.final
+class AbortRolloutRequest(_message.Message):
+    """Request of AbortRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required. `rollouts/{rollout}`."""
+    reason: _builtins.str
+    """Required. Why, for the audit log; 1-500 characters."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRolloutRequest: _TypeAlias = AbortRolloutRequest  # noqa: Y015
+
+@_typing.final
+class AbortRolloutResponse(_message.Message):
+    """Response of AbortRollout."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Output only. The rollout as stored."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AbortRolloutResponse: _TypeAlias = AbortRolloutResponse  # noqa: Y015
+
+@_typing.final
+class WatchRolloutsRequest(_message.Message):
+    """Request of WatchRollouts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRolloutsRequest: _TypeAlias = WatchRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class WatchRolloutsResponse(_message.Message):
+    """Every rollout at one registry revision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """Output only. Registry revision."""
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]:
+        """Output only. Every rollout, newest first."""
+
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        rollouts: _abc.Iterable[Global___Rollout] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRolloutsResponse: _TypeAlias = WatchRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateRolloutStatusRequest(_message.Message):
+    """Request of UpdateRolloutStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    APPEND_WINDOWS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """Required. Why, for the rollout's history and the audit log; 1-500
+    characters.
+    """
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Required. The rollout's name and etag, and its new status: state,
+        current_step, step_start_time, applied_weight, applied_mirror_percent,
+        message; the fields named in update_mask are written.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Required. Any of state, current_step, step_start_time, applied_weight,
+        applied_mirror_percent, message.
+        """
+
+    @_builtins.property
+    def append_windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnalysisWindow]:
+        """Optional. Analysis windows to append (at most 10 per call)."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        append_windows: _abc.Iterable[Global___AnalysisWindow] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["append_windows", b"append_windows", "reason", b"reason", "rollout", b"rollout", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRolloutStatusRequest: _TypeAlias = UpdateRolloutStatusRequest  # noqa: Y015
+
+@_typing.final
+class UpdateRolloutStatusResponse(_message.Message):
+    """Response of UpdateRolloutStatus."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout:
+        """Output only. The rollout as stored, with its new etag."""
+
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateRolloutStatusResponse: _TypeAlias = UpdateRolloutStatusResponse  # noqa: Y015

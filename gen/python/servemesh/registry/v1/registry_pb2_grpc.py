@@ -136,6 +136,51 @@ class RegistryServiceStub:
                 request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyRequest.SerializeToString,
                 response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyResponse.FromString,
                 _registered_method=True)
+        self.CreateRollout = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/CreateRollout',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateRolloutRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateRolloutResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/GetRollout',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/ListRollouts',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/PauseRollout',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.PauseRolloutRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.PauseRolloutResponse.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/ResumeRollout',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ResumeRolloutRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ResumeRolloutResponse.FromString,
+                _registered_method=True)
+        self.PromoteRollout = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/PromoteRollout',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutResponse.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/AbortRollout',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutResponse.FromString,
+                _registered_method=True)
+        self.WatchRollouts = channel.unary_stream(
+                '/servemesh.registry.v1.RegistryService/WatchRollouts',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutsRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutsResponse.FromString,
+                _registered_method=True)
+        self.UpdateRolloutStatus = channel.unary_unary(
+                '/servemesh.registry.v1.RegistryService/UpdateRolloutStatus',
+                request_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.UpdateRolloutStatusRequest.SerializeToString,
+                response_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.UpdateRolloutStatusResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -296,6 +341,83 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateRollout(self, request, context):
+        """Starts a progressive rollout of a canary deployment on a route. The
+        rollout controller then walks its steps, changing the route's weights
+        through UpdateRoute. NOT_FOUND if the route or a deployment does not
+        exist; FAILED_PRECONDITION if the route is locked, does not send traffic
+        to the stable deployment, or already has an active rollout;
+        ALREADY_EXISTS if the name is taken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Returns one rollout. NOT_FOUND if there is none by that name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Lists rollouts, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Holds a progressing rollout at its current step: the weights stay, no
+        step is taken and analysis goes on. FAILED_PRECONDITION unless it is
+        pending or progressing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Lets a paused rollout go on; its current step starts its pause again.
+        FAILED_PRECONDITION unless it is paused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRollout(self, request, context):
+        """Skips the remaining steps: the controller sends the canary all of the
+        route's traffic. FAILED_PRECONDITION if the rollout has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Stops the rollout: the controller sends the canary no more traffic (and
+        no more mirrored traffic). FAILED_PRECONDITION if the rollout has ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRollouts(self, request, context):
+        """Streams every rollout: once at once, then again after every rollout
+        change (changes made close together may arrive as one message). Ends with
+        UNAVAILABLE when the registry shuts down: reconnect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateRolloutStatus(self, request, context):
+        """Internal, for the rollout controller (no HTTP mapping): records its
+        progress (step, state, applied weights, analysis). Same etag rule as
+        UpdateRoute. Only output-only status fields are written.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -393,6 +515,51 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.VerifyApiKey,
                     request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyRequest.FromString,
                     response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyResponse.SerializeToString,
+            ),
+            'CreateRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateRollout,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateRolloutRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateRolloutResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.PauseRolloutRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.PauseRolloutResponse.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ResumeRolloutRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.ResumeRolloutResponse.SerializeToString,
+            ),
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutResponse.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutResponse.SerializeToString,
+            ),
+            'WatchRollouts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRollouts,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutsRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutsResponse.SerializeToString,
+            ),
+            'UpdateRolloutStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateRolloutStatus,
+                    request_deserializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.UpdateRolloutStatusRequest.FromString,
+                    response_serializer=servemesh_dot_registry_dot_v1_dot_registry__pb2.UpdateRolloutStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -915,6 +1082,249 @@ class RegistryService:
             '/servemesh.registry.v1.RegistryService/VerifyApiKey',
             servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyRequest.SerializeToString,
             servemesh_dot_registry_dot_v1_dot_registry__pb2.VerifyApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/CreateRollout',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateRolloutRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.CreateRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/GetRollout',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/ListRollouts',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/PauseRollout',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.PauseRolloutRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.PauseRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/ResumeRollout',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.ResumeRolloutRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.ResumeRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/PromoteRollout',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.PromoteRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/AbortRollout',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.AbortRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/WatchRollouts',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutsRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.WatchRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRolloutStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/servemesh.registry.v1.RegistryService/UpdateRolloutStatus',
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.UpdateRolloutStatusRequest.SerializeToString,
+            servemesh_dot_registry_dot_v1_dot_registry__pb2.UpdateRolloutStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -102,6 +102,45 @@ class RegistryServiceStub:
     presented secret belongs to. An unknown, malformed, revoked or expired
     secret gets the same NOT_FOUND answer, which does not say which it was.
     """
+    CreateRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CreateRolloutRequest, _registry_pb2.CreateRolloutResponse]
+    """Starts a progressive rollout of a canary deployment on a route. The
+    rollout controller then walks its steps, changing the route's weights
+    through UpdateRoute. NOT_FOUND if the route or a deployment does not
+    exist; FAILED_PRECONDITION if the route is locked, does not send traffic
+    to the stable deployment, or already has an active rollout;
+    ALREADY_EXISTS if the name is taken.
+    """
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetRolloutRequest, _registry_pb2.GetRolloutResponse]
+    """Returns one rollout. NOT_FOUND if there is none by that name."""
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ListRolloutsRequest, _registry_pb2.ListRolloutsResponse]
+    """Lists rollouts, newest first."""
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PauseRolloutRequest, _registry_pb2.PauseRolloutResponse]
+    """Holds a progressing rollout at its current step: the weights stay, no
+    step is taken and analysis goes on. FAILED_PRECONDITION unless it is
+    pending or progressing.
+    """
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.ResumeRolloutRequest, _registry_pb2.ResumeRolloutResponse]
+    """Lets a paused rollout go on; its current step starts its pause again.
+    FAILED_PRECONDITION unless it is paused.
+    """
+    PromoteRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.PromoteRolloutRequest, _registry_pb2.PromoteRolloutResponse]
+    """Skips the remaining steps: the controller sends the canary all of the
+    route's traffic. FAILED_PRECONDITION if the rollout has ended.
+    """
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_registry_pb2.AbortRolloutRequest, _registry_pb2.AbortRolloutResponse]
+    """Stops the rollout: the controller sends the canary no more traffic (and
+    no more mirrored traffic). FAILED_PRECONDITION if the rollout has ended.
+    """
+    WatchRollouts: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchRolloutsRequest, _registry_pb2.WatchRolloutsResponse]
+    """Streams every rollout: once at once, then again after every rollout
+    change (changes made close together may arrive as one message). Ends with
+    UNAVAILABLE when the registry shuts down: reconnect.
+    """
+    UpdateRolloutStatus: _grpc.UnaryUnaryMultiCallable[_registry_pb2.UpdateRolloutStatusRequest, _registry_pb2.UpdateRolloutStatusResponse]
+    """Internal, for the rollout controller (no HTTP mapping): records its
+    progress (step, state, applied weights, analysis). Same etag rule as
+    UpdateRoute. Only output-only status fields are written.
+    """
 
 @_typing.type_check_only
 class RegistryServiceAsyncStub(RegistryServiceStub):
@@ -176,6 +215,45 @@ class RegistryServiceAsyncStub(RegistryServiceStub):
     """Internal, for the gateways (no HTTP mapping): the active API key a
     presented secret belongs to. An unknown, malformed, revoked or expired
     secret gets the same NOT_FOUND answer, which does not say which it was.
+    """
+    CreateRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.CreateRolloutRequest, _registry_pb2.CreateRolloutResponse]  # type: ignore[assignment]
+    """Starts a progressive rollout of a canary deployment on a route. The
+    rollout controller then walks its steps, changing the route's weights
+    through UpdateRoute. NOT_FOUND if the route or a deployment does not
+    exist; FAILED_PRECONDITION if the route is locked, does not send traffic
+    to the stable deployment, or already has an active rollout;
+    ALREADY_EXISTS if the name is taken.
+    """
+    GetRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetRolloutRequest, _registry_pb2.GetRolloutResponse]  # type: ignore[assignment]
+    """Returns one rollout. NOT_FOUND if there is none by that name."""
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_registry_pb2.ListRolloutsRequest, _registry_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    """Lists rollouts, newest first."""
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.PauseRolloutRequest, _registry_pb2.PauseRolloutResponse]  # type: ignore[assignment]
+    """Holds a progressing rollout at its current step: the weights stay, no
+    step is taken and analysis goes on. FAILED_PRECONDITION unless it is
+    pending or progressing.
+    """
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.ResumeRolloutRequest, _registry_pb2.ResumeRolloutResponse]  # type: ignore[assignment]
+    """Lets a paused rollout go on; its current step starts its pause again.
+    FAILED_PRECONDITION unless it is paused.
+    """
+    PromoteRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.PromoteRolloutRequest, _registry_pb2.PromoteRolloutResponse]  # type: ignore[assignment]
+    """Skips the remaining steps: the controller sends the canary all of the
+    route's traffic. FAILED_PRECONDITION if the rollout has ended.
+    """
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_registry_pb2.AbortRolloutRequest, _registry_pb2.AbortRolloutResponse]  # type: ignore[assignment]
+    """Stops the rollout: the controller sends the canary no more traffic (and
+    no more mirrored traffic). FAILED_PRECONDITION if the rollout has ended.
+    """
+    WatchRollouts: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchRolloutsRequest, _registry_pb2.WatchRolloutsResponse]  # type: ignore[assignment]
+    """Streams every rollout: once at once, then again after every rollout
+    change (changes made close together may arrive as one message). Ends with
+    UNAVAILABLE when the registry shuts down: reconnect.
+    """
+    UpdateRolloutStatus: _aio.UnaryUnaryMultiCallable[_registry_pb2.UpdateRolloutStatusRequest, _registry_pb2.UpdateRolloutStatusResponse]  # type: ignore[assignment]
+    """Internal, for the rollout controller (no HTTP mapping): records its
+    progress (step, state, applied weights, analysis). Same etag rule as
+    UpdateRoute. Only output-only status fields are written.
     """
 
 class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -362,6 +440,99 @@ class RegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Internal, for the gateways (no HTTP mapping): the active API key a
         presented secret belongs to. An unknown, malformed, revoked or expired
         secret gets the same NOT_FOUND answer, which does not say which it was.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateRollout(
+        self,
+        request: _registry_pb2.CreateRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CreateRolloutResponse, _abc.Awaitable[_registry_pb2.CreateRolloutResponse]]:
+        """Starts a progressive rollout of a canary deployment on a route. The
+        rollout controller then walks its steps, changing the route's weights
+        through UpdateRoute. NOT_FOUND if the route or a deployment does not
+        exist; FAILED_PRECONDITION if the route is locked, does not send traffic
+        to the stable deployment, or already has an active rollout;
+        ALREADY_EXISTS if the name is taken.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _registry_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.GetRolloutResponse, _abc.Awaitable[_registry_pb2.GetRolloutResponse]]:
+        """Returns one rollout. NOT_FOUND if there is none by that name."""
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _registry_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ListRolloutsResponse, _abc.Awaitable[_registry_pb2.ListRolloutsResponse]]:
+        """Lists rollouts, newest first."""
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _registry_pb2.PauseRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.PauseRolloutResponse, _abc.Awaitable[_registry_pb2.PauseRolloutResponse]]:
+        """Holds a progressing rollout at its current step: the weights stay, no
+        step is taken and analysis goes on. FAILED_PRECONDITION unless it is
+        pending or progressing.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _registry_pb2.ResumeRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.ResumeRolloutResponse, _abc.Awaitable[_registry_pb2.ResumeRolloutResponse]]:
+        """Lets a paused rollout go on; its current step starts its pause again.
+        FAILED_PRECONDITION unless it is paused.
+        """
+
+    @_abc_1.abstractmethod
+    def PromoteRollout(
+        self,
+        request: _registry_pb2.PromoteRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.PromoteRolloutResponse, _abc.Awaitable[_registry_pb2.PromoteRolloutResponse]]:
+        """Skips the remaining steps: the controller sends the canary all of the
+        route's traffic. FAILED_PRECONDITION if the rollout has ended.
+        """
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _registry_pb2.AbortRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.AbortRolloutResponse, _abc.Awaitable[_registry_pb2.AbortRolloutResponse]]:
+        """Stops the rollout: the controller sends the canary no more traffic (and
+        no more mirrored traffic). FAILED_PRECONDITION if the rollout has ended.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchRollouts(
+        self,
+        request: _registry_pb2.WatchRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchRolloutsResponse], _abc.AsyncIterator[_registry_pb2.WatchRolloutsResponse]]:
+        """Streams every rollout: once at once, then again after every rollout
+        change (changes made close together may arrive as one message). Ends with
+        UNAVAILABLE when the registry shuts down: reconnect.
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateRolloutStatus(
+        self,
+        request: _registry_pb2.UpdateRolloutStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.UpdateRolloutStatusResponse, _abc.Awaitable[_registry_pb2.UpdateRolloutStatusResponse]]:
+        """Internal, for the rollout controller (no HTTP mapping): records its
+        progress (step, state, applied weights, analysis). Same etag rule as
+        UpdateRoute. Only output-only status fields are written.
         """
 
 def add_RegistryServiceServicer_to_server(servicer: RegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
