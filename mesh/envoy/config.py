@@ -53,6 +53,8 @@ T_UPSTREAM_TLS = _TYPE + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsC
 T_SECRET = _TYPE + "envoy.extensions.transport_sockets.tls.v3.Secret"
 T_HTTP_OPTIONS = _TYPE + "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 T_PREVIOUS_HOSTS = _TYPE + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+T_GRPC_STATS = _TYPE + "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig"
+T_FAULT = _TYPE + "envoy.extensions.filters.http.fault.v3.HTTPFault"
 T_DOWNSTREAM_CONNECTIONS = (
     _TYPE + "envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig"
 )
@@ -70,7 +72,11 @@ TYPED_CONFIG_MODULES = (
     "envoy.extensions.upstreams.http.v3.http_protocol_options_pb2",
     "envoy.extensions.retry.host.previous_hosts.v3.previous_hosts_pb2",
     "envoy.extensions.resource_monitors.downstream_connections.v3.downstream_connections_pb2",
+    "envoy.extensions.filters.http.grpc_stats.v3.config_pb2",
+    "envoy.extensions.filters.http.fault.v3.fault_pb2",
 )
+#: gRPC status codes that count as the upstream's fault (a canary's errors, an SLO's 5xx)
+SERVER_ERROR_GRPC_CODES = (2, 4, 13, 14, 15)  # UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS
 
 
 def to_proto(doc: Mapping[str, Any], message: Message) -> Message:
@@ -521,6 +527,34 @@ def _router() -> Json:
     return {"name": "envoy.filters.http.router", "typed_config": {"@type": T_ROUTER}}
 
 
+def _grpc_stats() -> Json:
+    """Per upstream cluster and gRPC method: requests and final statuses (`cluster.<c>.grpc.<svc>.<m>.<code>`).
+
+    A gRPC error travels as HTTP 200 with a grpc-status trailer, so Envoy's HTTP counters
+    cannot see it; rollout analysis compares deployments by these counters.
+    """
+    return {
+        "name": "envoy.filters.http.grpc_stats",
+        "typed_config": {"@type": T_GRPC_STATS, "stats_for_all_methods": True, "enable_upstream_stats": False},
+    }
+
+
+#: runtime keys an operator (or a fault test) sets through the admin API, POST /runtime_modify
+FAULT_ABORT_PERCENT_KEY = "fault.http.abort.abort_percent"
+
+
+def _fault() -> Json:
+    """Fault injection, off until `fault.http.abort.abort_percent` is set in the runtime: aborts that
+    share of requests with gRPC INTERNAL before they reach the app (chaos drills, rollback tests)."""
+    return {
+        "name": "envoy.filters.http.fault",
+        "typed_config": {
+            "@type": T_FAULT,
+            "abort": {"grpc_status": 13, "percentage": {"numerator": 0, "denominator": "HUNDRED"}},
+        },
+    }
+
+
 def _hcm(
     stat_prefix: str,
     http_filters: list[Json],
@@ -555,11 +589,13 @@ def inbound_listener(
     *,
     stream_idle_timeout_s: float = 900.0,
     http_prefixes: Sequence[str] = (),
+    fault_injection: bool = False,
 ) -> Json:
     """Listener "inbound": mTLS from mesh peers, caller's SPIFFE id in x-forwarded-client-cert, RBAC, local app.
 
     Paths under `http_prefixes` go to "local_http" (the app's HTTP API), the rest to
     "local_app" (gRPC). Routes carry no timeout; a caller's grpc-timeout still applies.
+    `fault_injection` adds the fault filter (off until its runtime key is set).
     """
     http_routes = [
         {"name": f"local_http{p}", "match": {"prefix": p}, "route": {"cluster": "local_http", "timeout": "0s"}}
@@ -588,7 +624,7 @@ def inbound_listener(
     }
     hcm = _hcm(
         f"inbound_{service}",
-        [rbac_filter(policy, service), _router()],
+        [*([_fault()] if fault_injection else []), rbac_filter(policy, service), _router()],
         route_config=route_config,
         stream_idle_timeout_s=stream_idle_timeout_s,
         forward_client_cert_details="SANITIZE_SET",
@@ -613,7 +649,7 @@ def outbound_listener(
     """
     hcm = _hcm(
         "outbound",
-        [_router()],
+        [_grpc_stats(), _router()],
         rds_name="outbound",
         route_config=route_config,
         stream_idle_timeout_s=stream_idle_timeout_s,
@@ -695,7 +731,7 @@ def edge_listener(
     }
     hcm = _hcm(
         "edge",
-        [limiter, transcoder, _router()],
+        [limiter, transcoder, _grpc_stats(), _router()],
         rds_name="edge",
         route_config=route_config,
         stream_idle_timeout_s=stream_idle_timeout_s,
@@ -720,6 +756,8 @@ class RouteSpec:
     header_overrides: (header, exact value, cluster) pairs that pin a request to one cluster.
     timeout_seconds: cap on the whole call; None leaves only the caller's gRPC deadline.
     idempotent_methods: gRPC methods ("GetEngine" or "/pkg.Service/GetEngine") safe to retry on UNAVAILABLE.
+    mirrors: (cluster, percent) pairs: copies of that share of the weighted requests (not of the
+      header overrides) go to the cluster too, and its responses are discarded (shadow traffic).
     """
 
     route_class: str = ""
@@ -727,6 +765,7 @@ class RouteSpec:
     header_overrides: Sequence[tuple[str, str, str]] = ()
     timeout_seconds: float | None = None
     idempotent_methods: Sequence[str] = ()
+    mirrors: Sequence[tuple[str, float]] = ()
 
 
 @dataclass(frozen=True)
@@ -756,7 +795,20 @@ def _retry_policy(idempotent: bool) -> Json:
     }
 
 
-def _action(backends: Sequence[tuple[str, int]], spec: RouteSpec, idempotent: bool) -> Json:
+def _mirror_policies(mirrors: Sequence[tuple[str, float]]) -> list[Json]:
+    policies = []
+    for cluster, percent in mirrors:
+        if not 0 < percent <= 100:
+            raise ValueError(f"mirror to {cluster}: percent must be in (0, 100]; got {percent}")
+        # parts per million, so 0.01% mirrors are exact
+        share = {"numerator": round(percent * 10_000), "denominator": "MILLION"}
+        policies.append({"cluster": cluster, "runtime_fraction": {"default_value": share}})
+    return policies
+
+
+def _action(
+    backends: Sequence[tuple[str, int]], spec: RouteSpec, idempotent: bool, mirrors: Sequence[tuple[str, float]] = ()
+) -> Json:
     timeout = _duration(spec.timeout_seconds) if spec.timeout_seconds else "0s"
     action: Json = {
         "timeout": timeout,
@@ -772,6 +824,8 @@ def _action(backends: Sequence[tuple[str, int]], spec: RouteSpec, idempotent: bo
         action["cluster"] = live[0][0]
     else:
         action["weighted_clusters"] = {"clusters": [{"name": c, "weight": w} for c, w in live]}
+    if mirrors:
+        action["request_mirror_policies"] = _mirror_policies(mirrors)
     return action
 
 
@@ -802,7 +856,8 @@ def _service_routes(svc: ServiceRoutes, prefixes: Sequence[str]) -> list[Json]:
     classes = [s.route_class for s in svc.routes if s.route_class]
     if len(classes) != len(set(classes)):
         raise ValueError(f"service {svc.service!r}: a route class appears twice: {classes}")
-    logical: list[tuple[str, list[Json], Sequence[tuple[str, int]], RouteSpec]] = []
+    # (route name, header matchers, backends, spec, mirrored?)
+    logical: list[tuple[str, list[Json], Sequence[tuple[str, int]], RouteSpec, bool]] = []
     for spec in svc.routes:
         class_match = [_exact_header(ROUTE_CLASS_HEADER, spec.route_class)] if spec.route_class else []
         for i, (header, value, cluster) in enumerate(spec.header_overrides):
@@ -812,6 +867,7 @@ def _service_routes(svc: ServiceRoutes, prefixes: Sequence[str]) -> list[Json]:
                     [_exact_header(header, value), *class_match],
                     [(cluster, 1)],
                     spec,
+                    False,
                 )
             )
     for spec in svc.routes:
@@ -822,13 +878,15 @@ def _service_routes(svc: ServiceRoutes, prefixes: Sequence[str]) -> list[Json]:
                     [_exact_header(ROUTE_CLASS_HEADER, spec.route_class)],
                     spec.backends,
                     spec,
+                    True,
                 )
             )
     for spec in defaults:
-        logical.append(("default", [], spec.backends, spec))
+        logical.append(("default", [], spec.backends, spec, True))
 
     routes: list[Json] = []
-    for name, headers, backends, spec in logical:
+    for name, headers, backends, spec, mirrored in logical:
+        mirrors = spec.mirrors if mirrored else ()
         for prefix in prefixes:
             label = f"{svc.service}/{name}" + (f"{prefix}" if prefix != "/" else "")
             # a few methods per regex: Envoy refuses a regex whose RE2 program is over 100
@@ -841,11 +899,11 @@ def _service_routes(svc: ServiceRoutes, prefixes: Sequence[str]) -> list[Json]:
                 if headers:
                     match["headers"] = headers
                 name = f"{label}/idempotent" + (f"-{i // IDEMPOTENT_METHODS_PER_ROUTE}" if i else "")
-                routes.append({"name": name, "match": match, "route": _action(backends, spec, True)})
+                routes.append({"name": name, "match": match, "route": _action(backends, spec, True, mirrors)})
             match = {"prefix": prefix}
             if headers:
                 match["headers"] = headers
-            routes.append({"name": label, "match": match, "route": _action(backends, spec, False)})
+            routes.append({"name": label, "match": match, "route": _action(backends, spec, False, mirrors)})
     return routes
 
 
@@ -915,6 +973,8 @@ def _bootstrap(
         "node": node.as_dict(),
         "admin": {"address": _address("127.0.0.1", admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
+        # an admin layer, so an operator can set runtime keys (e.g. fault injection) over the admin API
+        "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]},
         "overload_manager": {
             "resource_monitors": [
                 {
@@ -959,10 +1019,12 @@ def sidecar_bootstrap(
     stream_idle_timeout_s: float = 900.0,
     initial_fetch_timeout_s: float = 5.0,
     max_downstream_connections: int = 50_000,
+    fault_injection: bool = False,
 ) -> Json:
     """Bootstrap of a service's sidecar: static "inbound" listener and "local_app" cluster, plus ADS.
 
     `app_http` is the app's HTTP API, which gets the requests under `http_prefixes`.
+    `fault_injection` puts the fault filter on the inbound listener (off until set in the runtime).
 
     With `xds_address` None there is no ADS (everything else must come in `static_*`).
     Until ADS answers (or `initial_fetch_timeout_s` passes), Envoy is not ready.
@@ -975,6 +1037,7 @@ def sidecar_bootstrap(
             policy,
             stream_idle_timeout_s=stream_idle_timeout_s,
             http_prefixes=http_prefixes if app_http is not None else (),
+            fault_injection=fault_injection,
         ),
         *static_listeners,
     ]

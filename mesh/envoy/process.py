@@ -236,6 +236,13 @@ class EnvoyProcess:
                 out[entry["name"]] = int(entry["value"])
         return out
 
+    async def set_runtime(self, **values: str) -> None:
+        """POST /runtime_modify: set runtime keys in the admin layer (e.g. fault injection); "" removes a key."""
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            resp = await client.post(f"{self.admin_url}/runtime_modify", params=values)
+        if resp.status_code != 200:
+            raise EnvoyError(f"{self.name}: runtime_modify {values} failed: {resp.status_code} {resp.text.strip()}")
+
     async def clusters(self) -> dict[str, Any]:
         """GET /clusters?format=json, parsed (cluster_statuses with hosts and health flags)."""
         return (await self._get("/clusters", format="json")).json()

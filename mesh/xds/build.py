@@ -71,6 +71,7 @@ def service_routes(state: registry_pb2.WatchRoutesResponse, service: str) -> env
             else [(o.header, o.value, envoy.cluster_name(_id(o.deployment))) for o in r.header_overrides],
             timeout_seconds=r.timeout.ToTimedelta().total_seconds() if r.HasField("timeout") else DEFAULT_TIMEOUT_S,
             idempotent_methods=IDEMPOTENT_METHODS.get(service, ()),
+            mirrors=[(envoy.cluster_name(_id(m.deployment)), m.percent) for m in r.mirrors],
         )
         for r in routes
     ]

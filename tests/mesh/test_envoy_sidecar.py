@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import os
 import signal
 import ssl
@@ -35,6 +36,7 @@ from servemesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from mesh.certs import DEFAULT_IDENTITIES, Identity, ensure_identities, rotate, spiffe_id
 from mesh.envoy.config import (
+    FAULT_ABORT_PERCENT_KEY,
     GATEWAY_SERVICE,
     INFERENCE_SERVICE,
     REGISTRY_SERVICE,
@@ -111,6 +113,13 @@ def _inference_routes() -> list[ServiceRoutes]:
                     ["GetEngine", f"{INFERENCE}/ListEngines"],
                 ),
                 RouteSpec("code", [(cluster_name("inference-canary"), 1)], timeout_seconds=30),
+                # shadow: every request answered by stable, a copy of each sent to the canary
+                RouteSpec(
+                    "shadow",
+                    [(cluster_name("inference-stable"), 1)],
+                    [(OVERRIDE_HEADER, "inference-canary", cluster_name("inference-canary"))],
+                    mirrors=[(cluster_name("inference-canary"), 100.0)],
+                ),
             ],
             [INFERENCE_SERVICE],
         )
@@ -128,7 +137,9 @@ def test_every_builder_output_parses_into_its_envoy_type(ids: dict[str, Identity
     assert names == [
         "inference/override-default-0/idempotent",
         "inference/override-default-0",
+        "inference/override-shadow-0",
         "inference/class-code",
+        "inference/class-shadow",
         "inference/default/idempotent",
         "inference/default",
     ]
@@ -265,6 +276,7 @@ async def mesh(ids: dict[str, Identity], tmp_path_factory: pytest.TempPathFactor
         static_clusters: tuple[dict, ...] = (),
         static_listeners: tuple[dict, ...] = (),
         initial_fetch_timeout_s: float = 5.0,
+        fault_injection: bool = False,
     ) -> dict:
         return sidecar_bootstrap(
             Node(name, service, outbound_port),
@@ -277,6 +289,7 @@ async def mesh(ids: dict[str, Identity], tmp_path_factory: pytest.TempPathFactor
             static_clusters=static_clusters,
             static_listeners=static_listeners,
             initial_fetch_timeout_s=initial_fetch_timeout_s,
+            fault_injection=fault_injection,
         )
 
     gw = ids["gateway"]
@@ -290,7 +303,9 @@ async def mesh(ids: dict[str, Identity], tmp_path_factory: pytest.TempPathFactor
             initial_fetch_timeout_s=1.0,
         ),
         "inference-stable": sidecar("inference-stable", "inference", apps["inference-stable"].port),
-        "inference-canary": sidecar("inference-canary", "inference", apps["inference-canary"].port),
+        "inference-canary": sidecar(
+            "inference-canary", "inference", apps["inference-canary"].port, fault_injection=True
+        ),
         "gateway": sidecar(
             "gateway",
             "gateway",
@@ -439,6 +454,54 @@ async def test_outbound_weighted_split_override_and_class(mesh: Mesh) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call_raw(other, f"{INFERENCE}/Generate")
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_mirrored_requests_reach_the_shadow_and_only_the_primary_answers(mesh: Mesh) -> None:
+    canary, stable = mesh.apps["inference-canary"], mesh.apps["inference-stable"]
+    before = canary.calls, stable.calls
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{mesh.ports['outbound']}", options=[("grpc.default_authority", "inference")]
+    ) as ch:
+        meta = ((ROUTE_CLASS_HEADER, "shadow"),)
+        replies = await asyncio.gather(*(call_raw(ch, f"{INFERENCE}/Generate", metadata=meta) for _ in range(40)))
+        assert {r["app"] for r in replies} == {"inference-stable"}
+        # mirroring is fire-and-forget: the copies may land just after the replies
+        for _ in range(100):
+            if canary.calls - before[0] >= 40:
+                break
+            await asyncio.sleep(0.05)
+        assert canary.calls - before[0] == 40 and stable.calls - before[1] == 40
+        # a header override on the same route class is not mirrored
+        pinned = await call_raw(ch, f"{INFERENCE}/Generate", metadata=(*meta, (OVERRIDE_HEADER, "inference-canary")))
+        assert pinned["app"] == "inference-canary"
+        await asyncio.sleep(0.3)
+        assert canary.calls - before[0] == 41 and stable.calls - before[1] == 40
+    stats = await mesh.envoys["gateway"].stats(r"^cluster\.d\.inference-canary\.grpc\.")
+    assert stats.get(f"cluster.d.inference-canary.grpc.{INFERENCE_SERVICE}.Generate.0", 0) >= 41, stats
+
+
+async def test_fault_injection_is_off_until_set_in_the_runtime_and_counted_per_grpc_status(mesh: Mesh) -> None:
+    canary = mesh.envoys["inference-canary"]
+    prefix = f"cluster.d.inference-canary.grpc.{INFERENCE_SERVICE}.Generate"
+    meta = ((OVERRIDE_HEADER, "inference-canary"),)
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{mesh.ports['outbound']}", options=[("grpc.default_authority", "inference")]
+    ) as ch:
+        assert (await call_raw(ch, f"{INFERENCE}/Generate", metadata=meta))["app"] == "inference-canary"
+        before = await mesh.envoys["gateway"].stats(rf"^{re.escape(prefix)}\.")
+        await canary.set_runtime(**{FAULT_ABORT_PERCENT_KEY: "100"})
+        try:
+            for _ in range(5):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call_raw(ch, f"{INFERENCE}/Generate", metadata=meta)
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+        finally:
+            await canary.set_runtime(**{FAULT_ABORT_PERCENT_KEY: ""})
+        assert (await call_raw(ch, f"{INFERENCE}/Generate", metadata=meta))["app"] == "inference-canary"
+    after = await mesh.envoys["gateway"].stats(rf"^{re.escape(prefix)}\.")
+    assert after[f"{prefix}.13"] - before.get(f"{prefix}.13", 0) == 5, after
+    assert after[f"{prefix}.failure"] - before.get(f"{prefix}.failure", 0) == 5
+    assert after[f"{prefix}.total"] - before.get(f"{prefix}.total", 0) == 6
 
 
 async def test_admin_helpers(mesh: Mesh) -> None:
