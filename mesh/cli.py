@@ -15,6 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from mesh.cli_certs import certs_app
 from mesh.cli_index import ask, index_app
 from mesh.cli_keys import keys_app, tenants_app
+from mesh.cli_rollout import rollout_app
 from mesh.cli_route import mesh_app, route_app
 from mesh.launcher import Ports, run_up, servemesh_home
 
@@ -29,6 +30,7 @@ app.add_typer(mesh_app, name="mesh")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(index_app, name="index")
+app.add_typer(rollout_app, name="rollout")
 app.command()(ask)
 err = Console(stderr=True)
 

@@ -1,16 +1,25 @@
-"""The registry's logic: deployments, routes with etags and locks, tenants and API keys,
-the audit log, WatchRoutes.
+"""The registry's logic: deployments, routes with etags, locks and mirrors, tenants and API
+keys, rollouts, the audit log, WatchRoutes and WatchRollouts.
 
 Every change runs as one database transaction (store.Store.write) that takes the next
 registry revision, checks the request against the current state (etag, lock, references),
 writes the resource and its audit entry, and commits; nothing is written when any check
-fails. After the commit, followers of WatchRoutes are woken in-process (one registry
-process is the writer). The database calls are blocking SQLAlchemy calls and run on a
-small thread pool, so the event loop (and every open watch stream) never waits on them.
+fails. After the commit, followers are woken in-process (one registry process is the
+writer). The database calls are blocking SQLAlchemy calls and run on a small thread pool,
+so the event loop (and every open watch stream) never waits on them.
 
-Tenant and API key changes take a revision too (their audit entries are numbered by it)
-but do not wake WatchRoutes followers: the routing state did not change, and waking
-them would push an identical configuration to every Envoy.
+Each change wakes only the followers whose state it changed: deployment and route changes
+wake WatchRoutes, rollout changes wake WatchRollouts. Tenant and API key changes take a
+revision too (their audit entries are numbered by it) but wake no one: waking WatchRoutes
+would push an identical configuration to every Envoy.
+
+Rollouts. An operator creates one (PENDING) and may pause, resume, promote or abort it; the
+rollout controller walks its steps, moving the route's weights with UpdateRoute (audited
+there) and recording its progress with UpdateRolloutStatus. Every state change or step is
+appended to the rollout's history and audited as a TRANSITION with before and after. The
+controller's other status writes (applied weights, message, analysis windows, every few
+seconds while a step is held) are not audited: they would flood the log with entries that
+say nothing the route's own audited updates and the rollout's history do not.
 """
 
 from __future__ import annotations
@@ -21,11 +30,11 @@ import binascii
 import functools
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from services.common.errors import FieldViolation, InvalidArgument
 from services.registry.errors import (
@@ -35,17 +44,23 @@ from services.registry.errors import (
     InvalidApiKey,
     ResourceExists,
     ResourceNotFound,
+    RolloutActive,
+    RolloutStateConflict,
     RouteLocked,
     ShuttingDown,
+    StableNotServing,
 )
 from services.registry.keys import SecretHasher, key_id_of, new_key_id, new_secret
 from services.registry.resources import (
+    ACTIVE_ROLLOUT_STATES,
     ANY_TENANT,
     API_KEYS,
     DEPLOYMENTS,
+    ROLLOUTS,
     ROUTES,
     TENANTS,
     Action,
+    AnalysisWindow,
     ApiKey,
     AuditEntry,
     Deployment,
@@ -53,6 +68,10 @@ from services.registry.resources import (
     KeyState,
     Page,
     Resource,
+    Rollout,
+    RolloutEvent,
+    RolloutsState,
+    RolloutState,
     Route,
     RoutingState,
     Tenant,
@@ -61,22 +80,31 @@ from services.registry.resources import (
     resource_id,
 )
 from services.registry.validation import (
+    DEFAULT_STEPS,
+    MAX_WINDOWS,
     ROUTE_FIELDS,
+    STATUS_FIELDS,
     UPDATABLE_FIELDS,
     api_key_name_violations,
+    filled_analysis,
     id_violations,
+    mirror_backend_violations,
     name_violations,
     parent_violations,
     raise_if,
     reference_violations,
     references,
+    status_mask_violations,
     update_mask_violations,
     validate_api_key,
     validate_deployment,
     validate_filter,
     validate_reason,
+    validate_rollout,
     validate_route_fields,
+    validate_status,
     validate_tenant,
+    window_violations,
 )
 
 if TYPE_CHECKING:
@@ -170,8 +198,19 @@ class _Changes:
 # --- the service --------------------------------------------------------------------
 
 
+#: the state changes UpdateRolloutStatus (the controller) may make; any state may stay as it is
+STATUS_TRANSITIONS: dict[RolloutState, frozenset[RolloutState]] = {
+    RolloutState.PENDING: frozenset({RolloutState.PROGRESSING, RolloutState.ROLLED_BACK}),
+    RolloutState.PROGRESSING: frozenset({RolloutState.PAUSED, RolloutState.ROLLED_BACK, RolloutState.PROMOTED}),
+    RolloutState.PAUSED: frozenset({RolloutState.ROLLED_BACK}),
+}
+#: what an ended rollout may still have written (the controller finishing a rollback or promotion)
+ENDED_STATUS_FIELDS = ("step_start_time", "applied_weight", "applied_mirror_percent", "message")
+
+
 class RegistryCore:
-    """Deployments, routes, tenants, API keys and the audit log on a Store; WatchRoutes for followers.
+    """Deployments, routes, tenants, API keys, rollouts and the audit log on a Store; WatchRoutes
+    and WatchRollouts for followers.
 
     `hasher` turns API key secrets into what the store keeps (services.registry.keys)."""
 
@@ -188,16 +227,25 @@ class RegistryCore:
         self._snapshot_lock = asyncio.Lock()
         #: how often the routing state was read for followers (one read serves them all)
         self.snapshot_loads = 0
+        self._rollout_changes = _Changes(0)
+        self._rollouts_snapshot: RolloutsState | None = None
+        self._rollouts_lock = asyncio.Lock()
+        #: how often every rollout was read for WatchRollouts followers
+        self.rollouts_loads = 0
 
     async def start(self) -> None:
         """Bring the schema to the latest migration and learn the current revision."""
         self._loop = asyncio.get_running_loop()
         await self._in_thread(self._store.migrate)
-        self._changes.publish(await self._read(lambda tx: tx.current_revision()))
+        revision = await self._read(lambda tx: tx.current_revision())
+        self._changes.publish(revision)
+        self._rollout_changes.publish(revision)
 
     def close_watchers(self) -> None:
-        """End every WatchRoutes stream (they fail with UNAVAILABLE: reconnect) and refuse new ones."""
+        """End every WatchRoutes and WatchRollouts stream (they fail with UNAVAILABLE: reconnect)
+        and refuse new ones."""
         self._changes.close()
+        self._rollout_changes.close()
 
     async def close(self) -> None:
         self.close_watchers()
@@ -216,19 +264,24 @@ class RegistryCore:
     async def _read(self, query: Callable[[Tx], T]) -> T:
         return await self._in_thread(self._store.read, query)
 
-    async def _write(self, change: Callable[[Tx], T], *, routing: bool = True) -> T:
-        """Run `change` as the next revision; `routing` False: it does not change the routing
-        state, so followers are not woken (the revision is still counted)."""
+    async def _write(self, change: Callable[[Tx], T], *, routing: bool = True, rollouts: bool = False) -> T:
+        """Run `change` as the next revision. `routing`: it changes the routing state (wake the
+        WatchRoutes followers); `rollouts`: it changes a rollout (wake the WatchRollouts ones).
+        Followers not woken still count the revision."""
         loop = self._loop
         assert loop is not None, "RegistryCore.start() first"
 
         def run() -> T:
             result, revision = self._store.write(change)
             # From the worker thread: followers hear of the commit even if the caller went away.
-            loop.call_soon_threadsafe(self._changes.publish if routing else self._changes.advance, revision)
+            loop.call_soon_threadsafe(self._committed, revision, routing, rollouts)
             return result
 
         return await self._in_thread(run)
+
+    def _committed(self, revision: int, routing: bool, rollouts: bool) -> None:
+        (self._changes.publish if routing else self._changes.advance)(revision)
+        (self._rollout_changes.publish if rollouts else self._rollout_changes.advance)(revision)
 
     def _audit(
         self,
@@ -305,7 +358,11 @@ class RegistryCore:
     # routes ------------------------------------------------------------------------
 
     async def create_route(self, route: Route, *, reason: str, actor: str) -> Route:
-        raise_if(validate_route_fields(route, ROUTE_FIELDS) + validate_reason(reason))
+        raise_if(
+            validate_route_fields(route, ROUTE_FIELDS)
+            + mirror_backend_violations(route, ROUTE_FIELDS)
+            + validate_reason(reason)
+        )
         route_id = resource_id(route.name, ROUTES)
 
         def change(tx: Tx) -> Route:
@@ -370,6 +427,7 @@ class RegistryCore:
             ]
             raise_if(immutable)
             merged = replace(current, **{f: getattr(route, f) for f in fields})
+            raise_if(mirror_backend_violations(merged, fields))
             _check_references(tx, merged, fields)
             stored = replace(merged, etag=etag_for(route.name, tx.revision), revision=tx.revision, update_time=tx.now)
             if not tx.replace_route(stored, expected_etag=current.etag):
@@ -530,6 +588,257 @@ class RegistryCore:
             raise InvalidApiKey()
         return key
 
+    # rollouts ----------------------------------------------------------------------
+
+    async def create_rollout(self, rollout: Rollout, *, reason: str, actor: str) -> Rollout:
+        """Create a pending rollout of rollout.canary_deployment on rollout.route, starting from
+        rollout.stable_deployment; empty steps and unset analysis fields take their defaults.
+        Every other (output-only) field of `rollout` is ignored."""
+        raise_if(validate_rollout(rollout) + validate_reason(reason))
+        rollout_id = resource_id(rollout.name, ROLLOUTS)
+        route_id = resource_id(rollout.route, ROUTES)
+        stable, canary = rollout.stable_deployment, rollout.canary_deployment
+
+        def change(tx: Tx) -> Rollout:
+            if tx.get_rollout(rollout_id) is not None:
+                raise ResourceExists(rollout.name)
+            route = tx.get_route(route_id)
+            if route is None:
+                raise ResourceNotFound(rollout.route)
+            found = {
+                d.name: d for d in tx.deployments_by_id(resource_id(n, DEPLOYMENTS) for n in (stable, canary)).values()
+            }
+            for name in (canary, stable):
+                if name not in found:
+                    raise ResourceNotFound(name)
+            if found[canary].service != route.service:
+                raise InvalidArgument(
+                    FieldViolation(
+                        "rollout.canary_deployment",
+                        f"{canary} implements {found[canary].service!r}, not {route.service!r} (the service of"
+                        f" {route.name})",
+                    )
+                )
+            if route.locked:
+                raise RouteLocked(route.name, "rollouts leave a locked route alone; unlock it first")
+            if not any(b.deployment == stable and b.weight > 0 for b in route.backends):
+                raise StableNotServing(route, stable)
+            other = tx.active_rollout(route_id)
+            if other is not None:
+                raise RolloutActive(route.name, ROLLOUTS + other)
+            stored = Rollout(
+                name=rollout.name,
+                route=rollout.route,
+                stable_deployment=stable,
+                canary_deployment=canary,
+                steps=rollout.steps or DEFAULT_STEPS,
+                analysis=filled_analysis(rollout.analysis),
+                state=RolloutState.PENDING,
+                history=(RolloutEvent(tx.now, actor, RolloutState.UNSPECIFIED, RolloutState.PENDING, 0, reason),),
+                etag=etag_for(rollout.name, tx.revision),
+                create_time=tx.now,
+                update_time=tx.now,
+            )
+            tx.insert_rollout(stored)
+            self._audit(tx, actor, Action.CREATE, reason, None, stored)
+            return stored
+
+        return await self._write(change, routing=False, rollouts=True)
+
+    async def get_rollout(self, name: str) -> Rollout:
+        raise_if(name_violations(name, ROLLOUTS))
+        found = await self._read(lambda tx: tx.get_rollout(resource_id(name, ROLLOUTS)))
+        if found is None:
+            raise ResourceNotFound(name)
+        return found
+
+    async def list_rollouts(
+        self, *, route: str = "", active_only: bool = False, page_size: int = 0, page_token: str = ""
+    ) -> Page[Rollout]:
+        """Newest first (create time descending, then name); `route` (routes/{id}) and
+        `active_only` (pending, progressing or paused) filter."""
+        size = resolve_page_size(page_size)
+        raise_if(name_violations(route, ROUTES, "route") if route else [])
+        query = ("rollouts", route, "active" if active_only else "all")
+        after = _rollout_cursor(decode_page_token(page_token, query, str))
+        rows = await self._read(
+            lambda tx: tx.list_rollouts(
+                route_id=resource_id(route, ROUTES), active_only=active_only, after=after, limit=size + 1
+            )
+        )
+        return _page(rows, size, _rollout_key, query)
+
+    async def pause_rollout(self, name: str, *, reason: str, actor: str) -> Rollout:
+        """Hold a pending or progressing rollout at its current step (PAUSED)."""
+        return await self._operate(
+            name,
+            reason=reason,
+            actor=actor,
+            allowed=(RolloutState.PENDING, RolloutState.PROGRESSING),
+            to=RolloutState.PAUSED,
+            done="paused",
+            refusal="only a pending or progressing rollout can be paused",
+        )
+
+    async def resume_rollout(self, name: str, *, reason: str, actor: str) -> Rollout:
+        """Let a paused rollout go on (PROGRESSING); its current step starts its pause again."""
+        return await self._operate(
+            name,
+            reason=reason,
+            actor=actor,
+            allowed=(RolloutState.PAUSED,),
+            to=RolloutState.PROGRESSING,
+            done="resumed",
+            refusal="only a paused rollout can be resumed",
+            restart_step=True,
+        )
+
+    async def promote_rollout(self, name: str, *, reason: str, actor: str) -> Rollout:
+        """Skip the remaining steps: PROGRESSING at current_step = len(steps), so the controller
+        sends the canary all of the route's traffic (and then marks it PROMOTED)."""
+        return await self._operate(
+            name,
+            reason=reason,
+            actor=actor,
+            allowed=ACTIVE_ROLLOUT_STATES,
+            to=RolloutState.PROGRESSING,
+            done="promoted",
+            refusal="it has ended; only a pending, progressing or paused rollout can be promoted",
+            restart_step=True,
+            to_end=True,
+        )
+
+    async def abort_rollout(self, name: str, *, reason: str, actor: str) -> Rollout:
+        """Stop a rollout for good (ABORTED): the controller takes the canary's traffic and mirror away."""
+        return await self._operate(
+            name,
+            reason=reason,
+            actor=actor,
+            allowed=ACTIVE_ROLLOUT_STATES,
+            to=RolloutState.ABORTED,
+            done="aborted",
+            refusal="it has ended already; only a pending, progressing or paused rollout can be aborted",
+        )
+
+    async def _operate(
+        self,
+        name: str,
+        *,
+        reason: str,
+        actor: str,
+        allowed: Sequence[RolloutState],
+        to: RolloutState,
+        done: str,
+        refusal: str,
+        restart_step: bool = False,
+        to_end: bool = False,
+    ) -> Rollout:
+        """An operator's state change: from one of `allowed` to `to`, with a history event and a
+        TRANSITION audit entry; RolloutStateConflict (naming the current state) otherwise."""
+        raise_if(name_violations(name, ROLLOUTS) + validate_reason(reason))
+        rollout_id = resource_id(name, ROLLOUTS)
+
+        def change(tx: Tx) -> Rollout:
+            current = tx.get_rollout(rollout_id, for_update=True)
+            if current is None:
+                raise ResourceNotFound(name)
+            if current.state not in allowed:
+                raise RolloutStateConflict(name, current.state, refusal)
+            step = len(current.steps) if to_end else current.current_step
+            stored = replace(
+                current,
+                state=to,
+                current_step=step,
+                step_start_time=tx.now if restart_step else current.step_start_time,
+                message=f"{done} by {actor}: {reason}",
+                history=(*current.history, RolloutEvent(tx.now, actor, current.state, to, step, reason)),
+                etag=etag_for(name, tx.revision),
+                update_time=tx.now,
+            )
+            if not tx.replace_rollout(stored, expected_etag=current.etag):
+                raise EtagMismatch(name, current.etag)  # not reached while writers are serialized
+            self._audit(tx, actor, Action.TRANSITION, reason, current, stored)
+            return stored
+
+        return await self._write(change, routing=False, rollouts=True)
+
+    async def update_rollout_status(
+        self,
+        rollout: Rollout,
+        update_mask: Sequence[str],
+        *,
+        append_windows: Sequence[AnalysisWindow] = (),
+        reason: str,
+        actor: str,
+    ) -> Rollout:
+        """The controller's write: the status fields named in `update_mask` (STATUS_FIELDS) and
+        analysis windows to append, if rollout.etag is still the rollout's etag.
+
+        A state change must be one of STATUS_TRANSITIONS; an ended rollout keeps its state and
+        step (only ENDED_STATUS_FIELDS change). A change of state or step is appended to the
+        history and audited as a TRANSITION; other writes are not audited (module docstring).
+        The mask may be empty when the call only appends windows."""
+        paths = list(dict.fromkeys(update_mask))
+        fields = [p for p in paths if p in STATUS_FIELDS]
+        windows = tuple(append_windows)
+        violations = name_violations(rollout.name, ROLLOUTS, "rollout.name")
+        if not rollout.etag:
+            violations.append(FieldViolation("rollout.etag", "required: the etag of the rollout as you read it"))
+        if paths or not windows:
+            violations += status_mask_violations(paths)
+        raise_if(violations + validate_status(rollout, fields) + window_violations(windows) + validate_reason(reason))
+        rollout_id = resource_id(rollout.name, ROLLOUTS)
+
+        def change(tx: Tx) -> Rollout:
+            current = tx.get_rollout(rollout_id, for_update=True)
+            if current is None:
+                raise ResourceNotFound(rollout.name)
+            if rollout.etag != current.etag:
+                raise EtagMismatch(rollout.name, current.etag)
+            n = len(current.steps)
+            out_of_range = [
+                FieldViolation(path, f"must be in [0, {n}] (the rollout has {n} steps); got {step}")
+                for path, step in [
+                    *([("rollout.current_step", rollout.current_step)] if "current_step" in fields else []),
+                    *((f"append_windows[{i}].step", w.step) for i, w in enumerate(windows)),
+                ]
+                if step > n
+            ]
+            raise_if(out_of_range)
+            state = rollout.state if "state" in fields else current.state
+            step = rollout.current_step if "current_step" in fields else current.current_step
+            moved = state != current.state or step != current.current_step
+            if moved and not current.active:
+                raise RolloutStateConflict(
+                    rollout.name,
+                    current.state,
+                    f"it has ended: its state and step stay; only {', '.join(ENDED_STATUS_FIELDS)} may be written",
+                )
+            if state != current.state and state not in STATUS_TRANSITIONS.get(current.state, frozenset()):
+                allowed = sorted(STATUS_TRANSITIONS.get(current.state, frozenset()))
+                raise RolloutStateConflict(
+                    rollout.name,
+                    current.state,
+                    f"the controller may not move it to {state.value}; from {current.state.value} it may move to"
+                    f" {', '.join(allowed) or 'nothing'}",
+                )
+            event = RolloutEvent(tx.now, actor, current.state, state, step, reason)
+            stored = replace(
+                current,
+                **{f: getattr(rollout, f) for f in fields},
+                windows=(*current.windows, *windows)[-MAX_WINDOWS:],
+                history=(*current.history, event) if moved else current.history,
+                etag=etag_for(rollout.name, tx.revision),
+                update_time=tx.now,
+            )
+            if not tx.replace_rollout(stored, expected_etag=current.etag):
+                raise EtagMismatch(rollout.name, current.etag)  # not reached while writers are serialized
+            if moved:
+                self._audit(tx, actor, Action.TRANSITION, reason, current, stored)
+            return stored
+
+        return await self._write(change, routing=False, rollouts=True)
+
     # audit -------------------------------------------------------------------------
 
     async def list_audit_entries(
@@ -559,23 +868,71 @@ class RegistryCore:
         """The state now, then again after each commit. A follower slower than the commits gets
         only the latest state when it is ready for the next message (bursts coalesce); writers
         never wait for followers. Fails with ShuttingDown once close_watchers() is called."""
-        sent = -1
-        while True:
-            if self._changes.closed:
-                raise ShuttingDown()
-            state = await self.state()
-            if state.revision > sent:
-                sent = state.revision
-                yield state
-            await self._changes.wait_past(sent)
+        async for state in _follow(self._changes, self.state):
+            yield state
+
+    async def rollouts_state(self) -> RolloutsState:
+        """Every rollout at the latest revision, newest first (one read shared by every follower)."""
+        async with self._rollouts_lock:
+            snapshot = self._rollouts_snapshot
+            if snapshot is None or snapshot.revision < self._rollout_changes.revision:
+                snapshot = self._rollouts_snapshot = await self._read(_load_rollouts)
+                self.rollouts_loads += 1
+            return snapshot
+
+    async def watch_rollouts(self) -> AsyncIterator[RolloutsState]:
+        """Every rollout now, then again after each rollout change; like watch() otherwise."""
+        async for state in _follow(self._rollout_changes, self.rollouts_state):
+            yield state
+
+
+class _Versioned(Protocol):
+    revision: int
+
+
+V = TypeVar("V", bound=_Versioned)
+
+
+async def _follow(changes: _Changes, load: Callable[[], Awaitable[V]]) -> AsyncIterator[V]:
+    """`load()` now, then again whenever `changes` publishes a later revision (a slow follower
+    gets only the latest); ShuttingDown once `changes` is closed."""
+    sent = -1
+    while True:
+        if changes.closed:
+            raise ShuttingDown()
+        state = await load()
+        if state.revision > sent:
+            sent = state.revision
+            yield state
+        await changes.wait_past(sent)
 
 
 def _load_state(tx: Tx) -> RoutingState:
     return RoutingState(tx.current_revision(), tuple(tx.list_routes()), tuple(tx.list_deployments()))
 
 
+def _load_rollouts(tx: Tx) -> RolloutsState:
+    return RolloutsState(tx.current_revision(), tuple(tx.list_rollouts()))
+
+
+def _rollout_key(r: Rollout) -> str:
+    """A rollout's place in the newest-first order, for page tokens: '<create time> <id>'."""
+    assert r.create_time is not None
+    return f"{r.create_time.isoformat()} {resource_id(r.name, ROLLOUTS)}"
+
+
+def _rollout_cursor(key: str | None) -> tuple[datetime, str] | None:
+    if key is None:
+        return None
+    when, _, rollout_id = key.partition(" ")
+    try:
+        return datetime.fromisoformat(when), rollout_id
+    except ValueError:
+        raise InvalidArgument(FieldViolation("page_token", "is not a next_page_token of this query")) from None
+
+
 def _check_references(tx: Tx, route: Route, fields: Iterable[str]) -> None:
-    """Backends and header overrides must name existing deployments of the route's service."""
+    """Backends, header overrides and mirrors must name existing deployments of the route's service."""
     refs = references(route, fields)
     found = tx.deployments_by_id(resource_id(name, DEPLOYMENTS) for _, name in refs)
     raise_if(reference_violations(route, refs, {d.name: d for d in found.values()}))

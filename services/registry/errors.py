@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from services.common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound, Unavailable
+
+if TYPE_CHECKING:
+    from services.registry.resources import RolloutState, Route
 
 
 class ResourceNotFound(NotFound):
@@ -34,9 +39,38 @@ class RouteLocked(FailedPrecondition):
 class DeploymentInUse(FailedPrecondition):
     def __init__(self, name: str, routes: list[str]) -> None:
         super().__init__(
-            f"{name} is still used by {', '.join(routes)}: remove it from their backends and header overrides first",
+            f"{name} is still used by {', '.join(routes)}: remove it from their backends, header overrides and"
+            " mirrors first",
             metadata={"resource": name, "routes": ",".join(routes)},
         )
+
+
+class StableNotServing(FailedPrecondition):
+    """A rollout must start from a deployment the route sends traffic to."""
+
+    def __init__(self, route: Route, stable: str) -> None:
+        backends = ", ".join(f"{b.deployment}={b.weight}" for b in route.backends)
+        super().__init__(
+            f"{route.name} does not send {stable} traffic (its backends: {backends}): a rollout starts from a"
+            " deployment the route serves with a positive weight",
+            metadata={"resource": route.name, "deployment": stable},
+        )
+
+
+class RolloutActive(FailedPrecondition):
+    def __init__(self, route: str, other: str) -> None:
+        super().__init__(
+            f"{route} already has an active rollout, {other}: at most one per route; wait for it to end or abort it",
+            metadata={"resource": route, "rollout": other},
+        )
+
+
+class RolloutStateConflict(FailedPrecondition):
+    """The rollout's state does not allow the change; the message names the state."""
+
+    def __init__(self, name: str, state: RolloutState, detail: str) -> None:
+        super().__init__(f"{name} is {state.value}: {detail}", metadata={"resource": name, "state": state.value})
+        self.state = state
 
 
 class ApiKeyRevoked(FailedPrecondition):

@@ -22,7 +22,7 @@ SERVICE_NAME = registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_
 
 
 class RegistryServer(GrpcServer):
-    """A GrpcServer whose stop() first ends the WatchRoutes streams.
+    """A GrpcServer whose stop() first ends the WatchRoutes and WatchRollouts streams.
 
     A watch stream never finishes on its own, so without this every open one would hold
     the drain for the whole grace period. They end with UNAVAILABLE (reconnect elsewhere).

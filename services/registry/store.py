@@ -4,13 +4,21 @@ The tables below describe the schema the Alembic migrations (migrations/versions
 the schema is only ever created or changed by those migrations, run at start-up by
 Store.migrate(); a test checks that the two agree.
 
-Backends and header overrides are child tables rather than JSON columns: their foreign
-keys let the database itself refuse to drop a deployment a route still uses, "which
+Backends, header overrides and mirrors are child tables rather than JSON columns: their
+foreign keys let the database itself refuse to drop a deployment a route still uses, "which
 routes use deployment X" is an indexed query on both databases, and UNIQUE(route_id,
-deployment_id) holds "each deployment at most once per route". A route has at most 16 +
-8 children, so replacing them all on update is cheap. Audit before/after snapshots are
+deployment_id) holds "each deployment at most once per route" (per list). A route has at
+most 16 + 8 + 4 children, so replacing them all on update is cheap. Audit before/after snapshots are
 JSON (JSONB on PostgreSQL): they are documents, read back whole, never queried into.
 So is an API key's list of route classes.
+
+A rollout is one JSON document (steps, analysis spec, status, its last 100 analysis windows,
+history), read and written whole, plus the columns its queries need: route, state, create
+time (newest first) and etag. Its references are not foreign keys: a rollout outlives its
+route and deployments as a record of what happened. A partial unique index holds "at most
+one active (pending, progressing, paused) rollout per route" in the database itself.
+Non-finite numbers in a document (a ratio over a zero) are stored as "Infinity",
+"-Infinity" and "NaN", as the protobuf JSON mapping writes them: JSON has no such numbers.
 
 API keys are keyed by their public key id alone (unique across tenants: the gateway
 resolves a presented secret by the id inside it, without knowing the tenant). The table
@@ -26,6 +34,7 @@ conditional UPDATE/DELETE itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -42,6 +51,7 @@ from sqlalchemy import (
     Column,
     Connection,
     DateTime,
+    Double,
     Engine,
     ForeignKey,
     Index,
@@ -56,6 +66,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    or_,
     select,
     text,
     tuple_,
@@ -68,16 +79,27 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from services.common.errors import Aborted
 from services.registry.errors import DatabaseUnavailable
 from services.registry.resources import (
+    ACTIVE_ROLLOUT_STATES,
     DEPLOYMENTS,
+    ROLLOUTS,
     ROUTES,
     TENANTS,
     Action,
+    AnalysisSpec,
+    AnalysisWindow,
     ApiKey,
     AuditEntry,
     Deployment,
     HeaderOverride,
+    Measurement,
+    Rollout,
+    RolloutEvent,
+    RolloutState,
+    RolloutStep,
     Route,
+    RouteMirror,
     Tenant,
+    Verdict,
     WeightedBackend,
     api_key_name,
     key_state,
@@ -112,6 +134,7 @@ deployments = Table(
     Column("engine", String(63), nullable=False),
     Column("model_id", String(256), nullable=False),
     Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("metrics_url", String(512), nullable=False, server_default=""),
 )
 
 routes = Table(
@@ -146,6 +169,16 @@ route_header_overrides = Table(
     Column("header", String(64), nullable=False),
     Column("value", String(256), nullable=False),
     Column("deployment_id", String(63), ForeignKey("deployments.id", ondelete="RESTRICT"), nullable=False, index=True),
+)
+
+route_mirrors = Table(
+    "route_mirrors",
+    metadata,
+    Column("route_id", String(63), ForeignKey("routes.id", ondelete="CASCADE"), primary_key=True),
+    Column("position", Integer, primary_key=True, autoincrement=False),
+    Column("deployment_id", String(63), ForeignKey("deployments.id", ondelete="RESTRICT"), nullable=False, index=True),
+    Column("percent", Double, nullable=False),
+    UniqueConstraint("route_id", "deployment_id", name="uq_route_mirrors_route_id_deployment_id"),
 )
 
 audit_entries = Table(
@@ -183,6 +216,29 @@ api_keys = Table(
     Column("expire_time", DateTime(timezone=True), nullable=True),
     Column("revoke_time", DateTime(timezone=True), nullable=True),
     Index("ix_api_keys_tenant_id_id", "tenant_id", "id"),
+)
+
+#: the SQL condition of an active rollout (the partial unique index and the queries share it)
+ACTIVE_ROLLOUT_SQL = "state IN ({})".format(", ".join(f"'{state.value}'" for state in ACTIVE_ROLLOUT_STATES))
+
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("id", String(63), primary_key=True),
+    Column("route_id", String(63), nullable=False, index=True),
+    Column("state", String(16), nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    Column("etag", String(32), nullable=False),
+    #: everything else of the rollout (rollout_document)
+    Column("document", Json, nullable=False),
+    Index("ix_rollouts_create_time_id", "create_time", "id"),
+    Index(
+        "uq_rollouts_route_id_active",
+        "route_id",
+        unique=True,
+        sqlite_where=text(ACTIVE_ROLLOUT_SQL),
+        postgresql_where=text(ACTIVE_ROLLOUT_SQL),
+    ),
 )
 
 
@@ -227,6 +283,7 @@ class Tx:
             engine=row.engine,
             model_id=row.model_id,
             create_time=_utc(row.create_time),
+            metrics_url=row.metrics_url,
         )
 
     def get_deployment(self, dep_id: str) -> Deployment | None:
@@ -262,6 +319,7 @@ class Tx:
                 engine=d.engine,
                 model_id=d.model_id,
                 create_time=d.create_time,
+                metrics_url=d.metrics_url,
             )
         )
 
@@ -269,11 +327,14 @@ class Tx:
         self.conn.execute(delete(deployments).where(deployments.c.id == dep_id))
 
     def routes_using(self, dep_id: str) -> list[str]:
-        """Ids of the routes whose backends or header overrides name the deployment."""
+        """Ids of the routes whose backends, header overrides or mirrors name the deployment."""
         used = (
             select(route_backends.c.route_id)
             .where(route_backends.c.deployment_id == dep_id)
-            .union(select(route_header_overrides.c.route_id).where(route_header_overrides.c.deployment_id == dep_id))
+            .union(
+                select(route_header_overrides.c.route_id).where(route_header_overrides.c.deployment_id == dep_id),
+                select(route_mirrors.c.route_id).where(route_mirrors.c.deployment_id == dep_id),
+            )
         )
         return sorted(self.conn.execute(used).scalars())
 
@@ -285,6 +346,7 @@ class Tx:
             return []
         backends: dict[str, list[WeightedBackend]] = {i: [] for i in ids}
         overrides: dict[str, list[HeaderOverride]] = {i: [] for i in ids}
+        mirrors: dict[str, list[RouteMirror]] = {i: [] for i in ids}
         for b in self.conn.execute(
             select(route_backends)
             .where(route_backends.c.route_id.in_(ids))
@@ -297,6 +359,12 @@ class Tx:
             .order_by(route_header_overrides.c.route_id, route_header_overrides.c.position)
         ):
             overrides[o.route_id].append(HeaderOverride(o.header, o.value, DEPLOYMENTS + o.deployment_id))
+        for m in self.conn.execute(
+            select(route_mirrors)
+            .where(route_mirrors.c.route_id.in_(ids))
+            .order_by(route_mirrors.c.route_id, route_mirrors.c.position)
+        ):
+            mirrors[m.route_id].append(RouteMirror(DEPLOYMENTS + m.deployment_id, m.percent))
         return [
             Route(
                 name=ROUTES + row.id,
@@ -309,6 +377,7 @@ class Tx:
                 etag=row.etag,
                 revision=row.revision,
                 update_time=_utc(row.update_time),
+                mirrors=tuple(mirrors[row.id]),
             )
             for row in rows
         ]
@@ -373,10 +442,23 @@ class Tx:
                     for i, o in enumerate(r.header_overrides)
                 ],
             )
+        if r.mirrors:
+            self.conn.execute(
+                insert(route_mirrors),
+                [
+                    {
+                        "route_id": route_id,
+                        "position": i,
+                        "deployment_id": resource_id(m.deployment, DEPLOYMENTS),
+                        "percent": m.percent,
+                    }
+                    for i, m in enumerate(r.mirrors)
+                ],
+            )
 
     def _delete_children(self, route_id: str) -> None:
-        self.conn.execute(delete(route_backends).where(route_backends.c.route_id == route_id))
-        self.conn.execute(delete(route_header_overrides).where(route_header_overrides.c.route_id == route_id))
+        for child in (route_backends, route_header_overrides, route_mirrors):
+            self.conn.execute(delete(child).where(child.c.route_id == route_id))
 
     def insert_route(self, r: Route) -> None:
         route_id = resource_id(r.name, ROUTES)
@@ -490,6 +572,66 @@ class Tx:
         stmt = update(api_keys).where(api_keys.c.id == key_id, api_keys.c.revoke_time.is_(None))
         return self.conn.execute(stmt.values(revoke_time=when)).rowcount == 1
 
+    # rollouts ----------------------------------------------------------------------
+
+    def get_rollout(self, rollout_id: str, *, for_update: bool = False) -> Rollout | None:
+        stmt = select(rollouts).where(rollouts.c.id == rollout_id)
+        if for_update:
+            stmt = stmt.with_for_update()
+        row = self.conn.execute(stmt).first()
+        return None if row is None else rollout_from_row(row)
+
+    def active_rollout(self, route_id: str) -> str | None:
+        """Id of the route's active (pending, progressing or paused) rollout, if any."""
+        stmt = select(rollouts.c.id).where(rollouts.c.route_id == route_id, text(ACTIVE_ROLLOUT_SQL))
+        return self.conn.execute(stmt).scalar_one_or_none()
+
+    def list_rollouts(
+        self,
+        *,
+        route_id: str = "",
+        active_only: bool = False,
+        after: tuple[datetime, str] | None = None,
+        limit: int | None = None,
+    ) -> list[Rollout]:
+        """Newest first (create time descending, then id); `after` is the (create time, id) the
+        page starts after."""
+        stmt = select(rollouts).order_by(rollouts.c.create_time.desc(), rollouts.c.id)
+        if route_id:
+            stmt = stmt.where(rollouts.c.route_id == route_id)
+        if active_only:
+            stmt = stmt.where(rollouts.c.state.in_([state.value for state in ACTIVE_ROLLOUT_STATES]))
+        if after is not None:
+            when, rollout_id = after
+            stmt = stmt.where(
+                or_(
+                    rollouts.c.create_time < when,
+                    (rollouts.c.create_time == when) & (rollouts.c.id > rollout_id),
+                )
+            )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        return [rollout_from_row(row) for row in self.conn.execute(stmt)]
+
+    @staticmethod
+    def _rollout_values(r: Rollout) -> dict[str, Any]:
+        return {"state": r.state.value, "etag": r.etag, "document": rollout_document(r)}
+
+    def insert_rollout(self, r: Rollout) -> None:
+        self.conn.execute(
+            insert(rollouts).values(
+                id=resource_id(r.name, ROLLOUTS),
+                route_id=resource_id(r.route, ROUTES),
+                create_time=r.create_time,
+                **self._rollout_values(r),
+            )
+        )
+
+    def replace_rollout(self, r: Rollout, *, expected_etag: str) -> bool:
+        """Write `r` over the stored rollout if its etag is still `expected_etag`; False if not."""
+        stmt = update(rollouts).where(rollouts.c.id == resource_id(r.name, ROLLOUTS), rollouts.c.etag == expected_etag)
+        return self.conn.execute(stmt.values(**self._rollout_values(r))).rowcount == 1
+
     # audit -------------------------------------------------------------------------
 
     def insert_audit(self, e: AuditEntry) -> None:
@@ -532,6 +674,175 @@ class Tx:
             )
             for row in self.conn.execute(stmt)
         ]
+
+
+# --- a rollout as a JSON document ---------------------------------------------------------
+
+_NON_FINITE = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
+
+
+def _num(value: float) -> float | str:
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _float(value: float | str) -> float:
+    return _NON_FINITE[value] if isinstance(value, str) else float(value)
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    return None if value is None else _utc(datetime.fromisoformat(value))
+
+
+def _us(value: timedelta) -> int:
+    return value // timedelta(microseconds=1)
+
+
+def rollout_document(r: Rollout) -> dict[str, Any]:
+    """Everything of a rollout but its id and create time (the row's own columns): JSON values
+    only (times ISO 8601, durations in microseconds)."""
+    a = r.analysis
+    return {
+        "route": r.route,
+        "stable_deployment": r.stable_deployment,
+        "canary_deployment": r.canary_deployment,
+        "steps": [
+            {
+                "weight": s.weight,
+                "mirror_percent": _num(s.mirror_percent),
+                "pause_us": _us(s.pause),
+                "analysis": s.analysis,
+            }
+            for s in r.steps
+        ],
+        "analysis": {
+            "window_us": None if a.window is None else _us(a.window),
+            "min_requests": a.min_requests,
+            "max_error_rate": a.max_error_rate,
+            "max_error_rate_margin": a.max_error_rate_margin,
+            "max_latency_ratio": a.max_latency_ratio,
+            "max_cost_ratio": a.max_cost_ratio,
+            "golden_set": a.golden_set,
+            "max_golden_drop": a.max_golden_drop,
+            "inconclusive_limit": a.inconclusive_limit,
+        },
+        "state": r.state.value,
+        "current_step": r.current_step,
+        "step_start_time": _time(r.step_start_time),
+        "applied_weight": r.applied_weight,
+        "applied_mirror_percent": _num(r.applied_mirror_percent),
+        "message": r.message,
+        "windows": [
+            {
+                "start_time": _time(w.start_time),
+                "end_time": _time(w.end_time),
+                "step": w.step,
+                "verdict": w.verdict.value,
+                "source": w.source,
+                "measurements": [
+                    {
+                        "metric": m.metric,
+                        "canary": _num(m.canary),
+                        "stable": _num(m.stable),
+                        "threshold": _num(m.threshold),
+                        "verdict": m.verdict.value,
+                        "detail": m.detail,
+                    }
+                    for m in w.measurements
+                ],
+            }
+            for w in r.windows
+        ],
+        "history": [
+            {
+                "time": _time(e.time),
+                "actor": e.actor,
+                "from_state": e.from_state.value,
+                "to_state": e.to_state.value,
+                "step": e.step,
+                "reason": e.reason,
+            }
+            for e in r.history
+        ],
+        "update_time": _time(r.update_time),
+    }
+
+
+def rollout_from_row(row: Any) -> Rollout:
+    doc = row.document
+    a = doc["analysis"]
+    return Rollout(
+        name=ROLLOUTS + row.id,
+        route=doc["route"],
+        stable_deployment=doc["stable_deployment"],
+        canary_deployment=doc["canary_deployment"],
+        steps=tuple(
+            RolloutStep(
+                weight=s["weight"],
+                mirror_percent=_float(s["mirror_percent"]),
+                pause=timedelta(microseconds=s["pause_us"]),
+                analysis=s["analysis"],
+            )
+            for s in doc["steps"]
+        ),
+        analysis=AnalysisSpec(
+            window=None if a["window_us"] is None else timedelta(microseconds=a["window_us"]),
+            min_requests=a["min_requests"],
+            max_error_rate=a["max_error_rate"],
+            max_error_rate_margin=a["max_error_rate_margin"],
+            max_latency_ratio=a["max_latency_ratio"],
+            max_cost_ratio=a["max_cost_ratio"],
+            golden_set=a["golden_set"],
+            max_golden_drop=a["max_golden_drop"],
+            inconclusive_limit=a["inconclusive_limit"],
+        ),
+        state=RolloutState(row.state),
+        current_step=doc["current_step"],
+        step_start_time=_parse_time(doc["step_start_time"]),
+        applied_weight=doc["applied_weight"],
+        applied_mirror_percent=_float(doc["applied_mirror_percent"]),
+        message=doc["message"],
+        windows=tuple(
+            AnalysisWindow(
+                start_time=_parse_time(w["start_time"]),
+                end_time=_parse_time(w["end_time"]),
+                step=w["step"],
+                verdict=Verdict(w["verdict"]),
+                source=w["source"],
+                measurements=tuple(
+                    Measurement(
+                        metric=m["metric"],
+                        canary=_float(m["canary"]),
+                        stable=_float(m["stable"]),
+                        threshold=_float(m["threshold"]),
+                        verdict=Verdict(m["verdict"]),
+                        detail=m["detail"],
+                    )
+                    for m in w["measurements"]
+                ),
+            )
+            for w in doc["windows"]
+        ),
+        history=tuple(
+            RolloutEvent(
+                time=_utc(datetime.fromisoformat(e["time"])),
+                actor=e["actor"],
+                from_state=RolloutState(e["from_state"]),
+                to_state=RolloutState(e["to_state"]),
+                step=e["step"],
+                reason=e["reason"],
+            )
+            for e in doc["history"]
+        ),
+        etag=row.etag,
+        create_time=_utc(row.create_time),
+        update_time=_parse_time(doc["update_time"]),
+    )
 
 
 class Store:

@@ -63,10 +63,12 @@ async def test_migrations_create_the_schema_on_an_empty_database_and_are_idempot
             "audit_entries",
             "tenants",
             "api_keys",
+            "route_mirrors",
+            "rollouts",
         }
         store.migrate()  # a second start: nothing to do, nothing lost
         with store.engine.connect() as conn:
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
             assert conn.execute(text("SELECT id, revision FROM registry_state")).all() == [(1, 0)]
             # the store's table definitions are exactly what the migrations built
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []

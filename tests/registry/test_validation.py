@@ -96,6 +96,14 @@ def overrides(*items: tuple[str, str, str]) -> Callable[[pb.Route], None]:
     return edit
 
 
+def mirrors(*items: tuple[str, float]) -> Callable[[pb.Route], None]:
+    def edit(r: pb.Route) -> None:
+        for target, percent in items:
+            r.mirrors.add(deployment=f"deployments/{target}", percent=percent)
+
+    return edit
+
+
 def timeout(seconds: int, nanos: int = 0) -> Callable[[pb.Route], None]:
     def edit(r: pb.Route) -> None:
         r.timeout.seconds, r.timeout.nanos = seconds, nanos
@@ -131,6 +139,8 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("CreateDeployment", dep(endpoint="[fe80::zz]:80"), "deployment.endpoint", "IPv6"),
     ("CreateDeployment", dep(engine="vLLM"), "deployment.engine", "1-63"),
     ("CreateDeployment", dep(model_id="small model"), "deployment.model_id", "1-256"),
+    ("CreateDeployment", dep(metrics_url="ftp://h/metrics"), "deployment.metrics_url", "http(s) URL"),
+    ("CreateDeployment", dep(metrics_url="http://h/" + "m" * 600), "deployment.metrics_url", "at most 512"),
     ("CreateDeployment", pb.CreateDeploymentRequest(deployment=deployment_pb("x")), "reason", "1-500"),
     ("CreateDeployment", pb.CreateDeploymentRequest(deployment=deployment_pb("x"), reason="  "), "reason", "1-500"),
     ("CreateDeployment", pb.CreateDeploymentRequest(deployment=deployment_pb("x"), reason="r" * 501), "reason", "500"),
@@ -163,6 +173,13 @@ CASES: list[tuple[str, Any, str, str]] = [
         "route.header_overrides",
         "at most 8",
     ),
+    ("CreateRoute", new_route(mirrors(("inf-a", 0))), "route.mirrors[0].percent", "(0, 100]"),
+    ("CreateRoute", new_route(mirrors(("inf-a", 101))), "route.mirrors[0].percent", "(0, 100]"),
+    ("CreateRoute", new_route(mirrors(*[("inf-a", 1)] * 2)), "route.mirrors[1].deployment", "at most once"),
+    ("CreateRoute", new_route(mirrors(*[(f"d{i}", 1) for i in range(5)])), "route.mirrors", "at most 4"),
+    ("CreateRoute", new_route(mirrors(("inf-b", 5))), "route.mirrors[0].deployment", "positive weight"),
+    ("CreateRoute", new_route(mirrors(("gw", 5))), "route.mirrors[0].deployment", "implements 'gateway'"),
+    ("CreateRoute", new_route(mirrors(("nope", 5))), "route.mirrors[0].deployment", "does not exist"),
     ("CreateRoute", new_route(timeout(0)), "route.timeout", "(0, 600s]"),
     ("CreateRoute", new_route(timeout(600, 1000)), "route.timeout", "(0, 600s]"),
     ("CreateRoute", new_route(timeout(-5)), "route.timeout", "(0, 600s]"),
@@ -178,6 +195,8 @@ CASES: list[tuple[str, Any, str, str]] = [
     ("UpdateRoute", update(["backends"], backends(("inf-a", 20000))), "route.backends[0].weight", "10000"),
     ("UpdateRoute", update(["backends"], backends(("gw", 1))), "route.backends[0].deployment", "gateway"),
     ("UpdateRoute", update(["timeout"], timeout(601)), "route.timeout", "600s"),
+    ("UpdateRoute", update(["mirrors"], mirrors(("inf-a", 5))), "route.mirrors[0].deployment", "positive weight"),
+    ("UpdateRoute", update(["mirrors"], mirrors(("inf-b", 0.0))), "route.mirrors[0].percent", "(0, 100]"),
     (
         "UpdateRoute",
         update(["header_overrides"], overrides(("x_c", "1", "inf-a"))),
