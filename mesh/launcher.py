@@ -59,9 +59,12 @@ class Ports:
     retrieval_metrics: int = 9153
     rerank_metrics: int = 9154
     control_plane_metrics: int = 9160
+    controller_metrics: int = 9161
     # the mesh
     edge: int = 8443
     control_plane: int = 15010
+    #: the rollout and SLO controller (SloService; mTLS in the mesh)
+    controller: int = 15020
     gateway_inbound: int = 15050
     inference_inbound: int = 15051
     registry_inbound: int = 15052
@@ -76,6 +79,7 @@ class Ports:
             (self.gateway_metrics, "gateway metrics"),
             (self.inference_metrics, "inference metrics"),
             (self.registry_metrics, "registry metrics"),
+            (self.controller_metrics, "controller metrics"),
         ]
         if rag:
             ports += [(self.retrieval_metrics, "retrieval metrics"), (self.rerank_metrics, "rerank metrics")]
@@ -85,6 +89,7 @@ class Ports:
                 (self.gateway_http, "gateway HTTP API"),
                 (self.inference, "inference"),
                 (self.registry, "registry"),
+                (self.controller, "controller"),
                 *([(self.retrieval, "retrieval"), (self.rerank, "rerank")] if rag else []),
                 *ports,
             ]
@@ -93,6 +98,7 @@ class Ports:
             (self.edge, "edge Envoy"),
             (self.control_plane, "control plane"),
             (self.control_plane_metrics, "control plane metrics"),
+            (self.controller, "controller"),
             (self.gateway_inbound, "gateway sidecar"),
             (self.inference_inbound, "inference sidecar"),
             (self.registry_inbound, "registry sidecar"),
@@ -161,7 +167,18 @@ def _check_free(port: int, what: str) -> None:
 
 
 #: identities the local CA issues: one per service and per client of the mesh
-IDENTITIES = ("edge", "gateway", "inference", "registry", "retrieval", "rerank", "control-plane", "console", "cli")
+IDENTITIES = (
+    "edge",
+    "gateway",
+    "inference",
+    "registry",
+    "retrieval",
+    "rerank",
+    "control-plane",
+    "controller",
+    "console",
+    "cli",
+)
 SEED_REASON = "servemesh up: initial deployment"
 
 
@@ -205,6 +222,8 @@ class Mesh:
         #: Envoy node id (deployment or "edge") -> its process
         self.envoys: dict[str, EnvoyProcess] = {}
         self._state_written = False
+        #: whether the controller (rollouts, SLOs) runs
+        self._controller = False
 
     def _service_env(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ)
@@ -258,6 +277,7 @@ class Mesh:
         admin: int,
         outbound: envoy.LocalAddress | None = None,
         app_http: envoy.LocalAddress | None = None,
+        fault_injection: bool = False,
     ) -> None:
         assert self.policy is not None
         ident = certs.identity(self.certs_dir, service, self.namespace)
@@ -272,6 +292,7 @@ class Mesh:
             policy=self.policy,
             app_http=app_http,
             http_prefixes=EDGE_HTTP_PREFIXES.get(service, ()),
+            fault_injection=fault_injection,
         )
         self.envoys[deployment] = EnvoyProcess(f"{deployment}-sidecar", boot, self.run_dir / "envoy")
         await self._run(self.envoys[deployment])
@@ -300,9 +321,20 @@ class Mesh:
         return f"127.0.0.1:{inbound if self.mesh else app_port}"
 
     async def start_inference(
-        self, deployment: str, app_port: int, metrics_port: int, inbound: int, admin: int
+        self,
+        deployment: str,
+        app_port: int,
+        metrics_port: int,
+        inbound: int,
+        admin: int,
+        *,
+        fault_injection: bool = False,
+        engines: list[dict[str, object]] | None = None,
     ) -> None:
-        """An inference deployment (and its sidecar); `app_port` is used with --no-mesh only."""
+        """An inference deployment (and its sidecar); `app_port` is used with --no-mesh only.
+
+        `fault_injection` lets its sidecar abort requests when told to (EnvoyProcess.set_runtime).
+        """
         target, env, app = self._app(deployment, app_port, "SERVEMESH_INFERENCE_")
         await self._run(
             self._service(
@@ -310,18 +342,26 @@ class Mesh:
                 "services.inference.server",
                 target,
                 SERVEMESH_INFERENCE_METRICS_PORT=str(metrics_port),
-                SERVEMESH_INFERENCE_ENGINES=json.dumps(self.engines),
+                SERVEMESH_INFERENCE_ENGINES=json.dumps(self.engines if engines is None else engines),
                 **env,
             )
         )
         if self.mesh:
-            await self._sidecar(deployment, "inference", app, inbound, admin)
+            await self._sidecar(deployment, "inference", app, inbound, admin, fault_injection=fault_injection)
 
     async def start_gateway(
-        self, deployment: str, app_port: int, metrics_port: int, inbound: int, admin: int, http_port: int = 0
+        self,
+        deployment: str,
+        app_port: int,
+        metrics_port: int,
+        inbound: int,
+        admin: int,
+        http_port: int = 0,
+        *,
+        fault_injection: bool = False,
     ) -> None:
         """A gateway deployment (and its sidecar); `app_port` and `http_port` (its OpenAI-compatible
-        API; 0 = a free port) are used with --no-mesh only."""
+        API; 0 = a free port) are used with --no-mesh only. `fault_injection`: see start_inference."""
         target, env, app = self._app(deployment, app_port, "SERVEMESH_GATEWAY_")
         outbound = self.sockets / f"{deployment}.outbound.sock"
         http_sock = self.sockets / f"{deployment}.http.sock"
@@ -361,7 +401,16 @@ class Mesh:
             )
         )
         if self.mesh:
-            await self._sidecar(deployment, "gateway", app, inbound, admin, outbound, app_http=http_sock)
+            await self._sidecar(
+                deployment,
+                "gateway",
+                app,
+                inbound,
+                admin,
+                outbound,
+                app_http=http_sock,
+                fault_injection=fault_injection,
+            )
         if self._state_written:
             self.state().write(self.home)
 
@@ -413,6 +462,7 @@ class Mesh:
                     service=service,
                     version="stable",
                     endpoint=self._endpoint(port, inbound),
+                    metrics_url=metrics_url(metrics),
                 ),
                 registry_pb2.Route(
                     name=f"routes/{service}",
@@ -482,6 +532,7 @@ class Mesh:
                 gateway=f"127.0.0.1:{p.gateway}",
                 registry=f"127.0.0.1:{p.registry}",
                 retrieval=f"127.0.0.1:{p.retrieval}" if self.rag else "",
+                controller=f"127.0.0.1:{p.controller}" if self._controller else "",
                 openai=f"http://127.0.0.1:{p.gateway_http}/openai/v1",
                 api_key_file=str(self.dev_key_path) if self.auth else "",
             )
@@ -493,6 +544,7 @@ class Mesh:
             openai=f"https://127.0.0.1:{p.edge}/openai/v1",
             api_key_file=str(self.dev_key_path) if self.auth else "",
             control_plane=f"127.0.0.1:{p.control_plane}",
+            controller=f"127.0.0.1:{p.controller}" if self._controller else "",
             certs_dir=str(self.certs_dir),
             namespace=self.namespace,
             envoys={name: e.admin_port for name, e in self.envoys.items()},
@@ -571,6 +623,7 @@ class Mesh:
                 endpoint=self._endpoint(p.inference, p.inference_inbound),
                 engine=engine,
                 model_id=model,
+                metrics_url=metrics_url(p.inference_metrics),
             ),
             registry_pb2.Route(
                 name="routes/inference",
@@ -584,6 +637,7 @@ class Mesh:
                 service="gateway",
                 version="stable",
                 endpoint=self._endpoint(p.gateway, p.gateway_inbound),
+                metrics_url=metrics_url(p.gateway_metrics),
             ),
             registry_pb2.Route(
                 name="routes/gateway",
@@ -611,6 +665,35 @@ class Mesh:
             await self._run(self.envoys["edge"])
         self.state().write(self.home)
         self._state_written = True
+        await self.start_controller()
+
+    async def start_controller(self) -> None:
+        """The rollout and SLO controller; it reads the Envoys' admin ports from the state file."""
+        p = self.ports
+        env = {
+            "SERVEMESH_CONTROLLER_PORT": str(p.controller),
+            "SERVEMESH_CONTROLLER_METRICS_PORT": str(p.controller_metrics),
+            "SERVEMESH_CONTROLLER_HOME": str(self.home),
+            "SERVEMESH_CONTROLLER_NAMESPACE": self.namespace,
+        }
+        if self.mesh:
+            env |= {
+                "SERVEMESH_CONTROLLER_REGISTRY_TARGET": f"127.0.0.1:{p.registry_inbound}",
+                "SERVEMESH_CONTROLLER_CERTS_DIR": str(self.certs_dir),
+            }
+        else:
+            env["SERVEMESH_CONTROLLER_REGISTRY_TARGET"] = f"127.0.0.1:{p.registry}"
+        self._controller = True
+        await self._run(
+            self._service(
+                "controller",
+                "mesh.controller.server",
+                f"127.0.0.1:{p.controller}",
+                (lambda: self.channel("controller")) if self.mesh else None,
+                **env,
+            )
+        )
+        self.state().write(self.home)
 
     async def stop(self) -> None:
         MeshState.remove(self.home)
@@ -620,6 +703,11 @@ class Mesh:
             await sup.stop()
         self.supervisors.clear()
         self.envoys.clear()
+
+
+def metrics_url(port: int) -> str:
+    """Where a local service's Prometheus metrics are scraped."""
+    return f"http://127.0.0.1:{port}/metrics"
 
 
 def local_engines(vllm_args: VllmArgs, model_dir: Path, small_engine: bool) -> list[dict[str, object]]:
@@ -656,6 +744,8 @@ def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
             f"  registry    127.0.0.1:{p.registry_inbound}  (mTLS, internal; `servemesh route list`)",
             f"  retrieval   127.0.0.1:{p.retrieval_inbound}  (mTLS, internal; `servemesh index list`)",
             f"  control     127.0.0.1:{p.control_plane}  (xDS, mTLS; `servemesh mesh status`)",
+            f"  controller  127.0.0.1:{p.controller}  (rollouts and SLOs, mTLS; `servemesh rollout status`, "
+            "`servemesh slo status`)",
         ]
     else:
         lines += [

@@ -33,6 +33,8 @@ class MeshState:
     api_key_file: str = ""
     #: the control plane (mTLS), mesh mode only
     control_plane: str = ""
+    #: the rollout and SLO controller (mTLS in mesh mode, plaintext otherwise); "" = not running
+    controller: str = ""
     #: the local CA's directory, mesh mode only
     certs_dir: str = ""
     namespace: str = "default"
@@ -59,12 +61,14 @@ class MeshState:
         (home / "run" / "mesh.json").unlink(missing_ok=True)
 
     def channel(self, service: str, identity: str = "cli") -> grpc.aio.Channel:
-        """A channel to "gateway", "registry", "retrieval" or "control-plane", as `identity` in mesh mode."""
+        """A channel to "gateway", "registry", "retrieval", "control-plane" or "controller", as `identity`
+        in mesh mode."""
         targets = {
             "gateway": self.gateway,
             "registry": self.registry,
             "retrieval": self.retrieval,
             "control-plane": self.control_plane,
+            "controller": self.controller,
         }
         target = targets[service]
         bearer = bearer_token(self.api_key()) if service == "gateway" and self.api_key_file else []

@@ -973,6 +973,8 @@ def _bootstrap(
         "node": node.as_dict(),
         "admin": {"address": _address("127.0.0.1", admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
+        # histograms reach the admin API (and so rollout analysis) at each flush: every second
+        "stats_flush_interval": "1s",
         # an admin layer, so an operator can set runtime keys (e.g. fault injection) over the admin API
         "layered_runtime": {"layers": [{"name": "static", "static_layer": {}}, {"name": "admin", "admin_layer": {}}]},
         "overload_manager": {

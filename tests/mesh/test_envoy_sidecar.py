@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import os
+import re
 import signal
 import ssl
 from collections import Counter
@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from servemesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 
 from mesh.certs import DEFAULT_IDENTITIES, Identity, ensure_identities, rotate, spiffe_id
+from mesh.controller.metrics import Calls, Window, envoy_calls
 from mesh.envoy.config import (
     FAULT_ABORT_PERCENT_KEY,
     GATEWAY_SERVICE,
@@ -666,3 +667,31 @@ async def test_killed_envoy_is_restarted_with_the_same_base_id(tmp_path: Path) -
     finally:
         await envoy.stop()
     assert not _alive(first)
+
+
+async def test_rollout_metrics_read_calls_per_deployment_from_envoy(mesh: Mesh) -> None:
+    admin = mesh.envoys["gateway"].admin_url
+    async with httpx.AsyncClient() as client:
+        before = await envoy_calls(client, [admin], ["inference-stable", "inference-canary"])
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{mesh.ports['outbound']}", options=[("grpc.default_authority", "inference")]
+        ) as ch:
+            meta = ((OVERRIDE_HEADER, "inference-canary"),)
+            for _ in range(4):
+                await call_raw(ch, f"{INFERENCE}/Generate", metadata=meta)
+            await mesh.envoys["inference-canary"].set_runtime(**{FAULT_ABORT_PERCENT_KEY: "100"})
+            try:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call_raw(ch, f"{INFERENCE}/Generate", metadata=meta)
+            finally:
+                await mesh.envoys["inference-canary"].set_runtime(**{FAULT_ABORT_PERCENT_KEY: ""})
+        await asyncio.sleep(1.5)  # histograms reach the admin API at the next stats flush (every second)
+        after = await envoy_calls(client, [admin, admin], ["inference-stable", "inference-canary"])
+    # the same Envoy listed twice counts twice: the sum is over every Envoy routing to the deployment
+    w = Window.between(
+        Calls(2 * before["inference-canary"].requests, 2 * before["inference-canary"].errors),
+        Calls(after["inference-canary"].requests, after["inference-canary"].errors),
+    )
+    assert (w.requests, w.errors) == (10, 2)
+    latency = Window.between(Calls(), after["inference-canary"])
+    assert latency.buckets and latency.buckets[-1][1] > 0 and 0 < latency.quantile(0.99) < 5
