@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh.cli_certs import certs_app
+from mesh.cli_eval import eval_app
 from mesh.cli_index import ask, index_app
 from mesh.cli_keys import keys_app, tenants_app
 from mesh.cli_rollout import rollout_app
@@ -31,6 +32,7 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(index_app, name="index")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(eval_app, name="eval")
 app.command()(ask)
 err = Console(stderr=True)
 

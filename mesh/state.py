@@ -84,6 +84,21 @@ class MeshState:
             target, creds, options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", name)], interceptors=bearer
         )
 
+    def endpoint_channel(self, endpoint: str, service: str, identity: str = "cli") -> grpc.aio.Channel:
+        """A channel to one deployment's endpoint (its sidecar's inbound listener) over mTLS as `identity`,
+        or plaintext in --no-mesh mode; gateway calls carry the dev tenant's API key, as `channel`'s do."""
+        bearer = bearer_token(self.api_key()) if service == "gateway" and self.api_key_file else []
+        if not self.mesh:
+            return insecure_channel(endpoint, interceptors=bearer)
+        ident = certs.identity(Path(self.certs_dir), identity, self.namespace)
+        return grpc.aio.secure_channel(
+            endpoint,
+            certs.channel_credentials(ident),
+            # the sidecar presents its service's identity, whose certificate names the service
+            options=[*CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", service)],
+            interceptors=bearer,
+        )
+
     def api_key(self) -> str:
         return Path(self.api_key_file).read_text().strip() if self.api_key_file else ""
 
