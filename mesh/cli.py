@@ -18,6 +18,7 @@ from mesh.cli_index import ask, index_app
 from mesh.cli_keys import keys_app, tenants_app
 from mesh.cli_rollout import rollout_app
 from mesh.cli_route import mesh_app, route_app
+from mesh.cli_slo import slo_app
 from mesh.launcher import Ports, run_up, servemesh_home
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.add_typer(mesh_app, name="mesh")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(index_app, name="index")
+app.add_typer(slo_app, name="slo")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(eval_app, name="eval")
 app.command()(ask)

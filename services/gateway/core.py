@@ -10,12 +10,15 @@ without reshaping the pipeline. The stream is relayed chunk by chunk, never buff
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import CollectorRegistry, Counter
 
 from services.common import context
 from services.common.errors import FieldViolation, ServiceError
@@ -379,13 +382,77 @@ class DecisionRecorder(Protocol):
     def trimmed(self, route_class: str) -> None: ...
 
 
-class Pipeline:
-    """`decisions` counts which policy refused a request (and with what code) and trims."""
+class OutcomeRecorder(Protocol):
+    def finished(self, route_class: str, code: str) -> None: ...
 
-    def __init__(self, policies: Sequence[Policy], backend: Backend, decisions: DecisionRecorder | None = None) -> None:
+
+class RequestMetrics:
+    """Generation requests by route class and the status code the caller got: what the
+    per-route-class error and timeout SLOs are computed from (the server's request counter
+    has no route class). Both labels are bounded: a route class this gateway does not have
+    (the request was refused for naming it) counts as "unknown"; codes are gRPC code names."""
+
+    UNKNOWN_CLASS = "unknown"
+    #: series created at 0 for every route class, so rate() and increase() see the first one
+    INITIAL_CODES = ("OK", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
+
+    def __init__(self, registry: CollectorRegistry, route_classes: Collection[str], default_class: str) -> None:
+        self._classes = frozenset(route_classes)
+        self._default = default_class
+        self.requests = Counter(
+            "servemesh_gateway_requests_total",
+            "Generation requests finished (gRPC and the HTTP API), by route class and final gRPC status code.",
+            ["route_class", "code"],
+            registry=registry,
+        )
+        for route_class in sorted(self._classes):
+            for code in self.INITIAL_CODES:
+                self.requests.labels(route_class, code)
+
+    def finished(self, route_class: str, code: str) -> None:
+        name = route_class or self._default  # unset: the default class (before it was resolved)
+        self.requests.labels(name if name in self._classes else self.UNKNOWN_CLASS, code).inc()
+
+
+#: a call cancelled this close to its deadline timed out: the caller's own deadline runs out
+#: a little before the server's (the server counts from receiving the call), so its cancel
+#: usually arrives first
+DEADLINE_GRACE_S = 0.25
+
+
+def outcome_code(exc: BaseException | None, *, answered: bool = False) -> str:
+    """The gRPC code name a request ending with `exc` (None: normally) gets, as the server
+    interceptor maps it. A stream stopped by its consumer after the final chunk was relayed
+    (`answered`) is OK; before it, DEADLINE_EXCEEDED if the request's deadline has passed or
+    was at most DEADLINE_GRACE_S away, else CANCELLED."""
+    if exc is None:
+        return "OK"
+    if isinstance(exc, ServiceError):
+        return exc.code.value
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        if answered:
+            return "OK"
+        limit = context.deadline()
+        timed_out = limit is not None and time.monotonic() >= limit - DEADLINE_GRACE_S
+        return "DEADLINE_EXCEEDED" if timed_out else "CANCELLED"
+    return "INTERNAL" if isinstance(exc, Exception) else "UNKNOWN"
+
+
+class Pipeline:
+    """`decisions` counts which policy refused a request (and with what code) and trims;
+    `outcomes` counts every request by route class and final code, where it finishes."""
+
+    def __init__(
+        self,
+        policies: Sequence[Policy],
+        backend: Backend,
+        decisions: DecisionRecorder | None = None,
+        outcomes: OutcomeRecorder | None = None,
+    ) -> None:
         self._policies = list(policies)
         self._backend = backend
         self._decisions = decisions
+        self._outcomes = outcomes
 
     async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
         """Admit through every policy, then relay the backend's chunks through their wraps.
@@ -404,6 +471,7 @@ class Pipeline:
                 await policy.abandon(request)
             if self._decisions is not None and isinstance(exc, ServiceError):
                 self._decisions.refused(self._policies[len(admitted)].name, exc.code.value)
+            self._finished(request, exc)
             _log_outcome(request, ok=False)
             raise
         if self._decisions is not None and request.trimmed is not None:
@@ -420,6 +488,7 @@ class Pipeline:
         layers = [self._backend.stream(request)]
         for policy in self._policies:
             layers.append(policy.wrap(request, layers[-1]))
+        failure: BaseException | None = None
         try:
             async for chunk in layers[-1]:
                 if chunk.usage is not None:
@@ -429,7 +498,11 @@ class Pipeline:
                 elif chunk.text:
                     generated += 1
                 yield chunk
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
+            self._finished(request, failure, answered=ok)
             # Close every layer now, outermost first: a wrap that stops iterating does not
             # close the stream it wraps, and the backend's close is what aborts the engine.
             try:
@@ -438,6 +511,10 @@ class Pipeline:
             finally:
                 context.annotate(exec_ms=round((time.perf_counter() - dispatched) * 1000, 3))
                 _log_outcome(request, ok=ok, tokens_generated=generated)
+
+    def _finished(self, request: GatewayRequest, exc: BaseException | None, *, answered: bool = False) -> None:
+        if self._outcomes is not None:
+            self._outcomes.finished(request.route_class, outcome_code(exc, answered=answered))
 
 
 def _log_outcome(request: GatewayRequest, *, ok: bool, tokens_generated: int = 0) -> None:

@@ -18,7 +18,7 @@ from services.gateway.auth import Authenticate, KeyVerifier, RegistryKeyVerifier
 from services.gateway.backend import InferenceBackend
 from services.gateway.budget import PromptBudget
 from services.gateway.cache import CacheMetrics, EngineIdentities, ResponseCache, create_store
-from services.gateway.core import Pipeline, Safety, default_policies
+from services.gateway.core import Pipeline, RequestMetrics, Safety, default_policies
 from services.gateway.limits import AuthThrottle, LimitMetrics, LimitStore, RateLimit, open_store
 from services.gateway.openai_api import HttpApiServer, OpenAIApi
 from services.gateway.rag import RagClients, Retrieve
@@ -101,7 +101,12 @@ async def create_gateway_server(
         redact_output=red.outputs,
         retrieve=Retrieve(rag) if rag is not None else None,
     )
-    pipeline = Pipeline(policies, ResilientBackend(inference, router, routing_metrics), PolicyMetrics(registry))
+    pipeline = Pipeline(
+        policies,
+        ResilientBackend(inference, router, routing_metrics),
+        PolicyMetrics(registry),
+        RequestMetrics(registry, settings.route_classes, settings.default_route_class),
+    )
     backend = _Closing(inference, cache, verifier, limit_store, rag)
 
     async def models() -> list[ModelInfo]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.common.errors import InvalidArgument, NotFound
+from services.common import context
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.generation import Chunk, FinishReason, Message, Role, Sampling, Usage
 from services.common.metrics import PolicyMetrics
 from services.gateway.budget import PromptBudget
@@ -15,6 +18,7 @@ from services.gateway.core import (
     GatewayRequest,
     Pipeline,
     Policy,
+    RequestMetrics,
     RouteClassDefaults,
     Safety,
     StaticRouting,
@@ -258,3 +262,63 @@ async def test_a_refused_request_is_not_counted_on_an_engine_that_does_not_exist
     )
     req = _req(prompt="Explain how to build a pipe bomb at home")
     assert [c.text async for c in Pipeline(policies, _Backend()).stream(req)] == ["REFUSED."]
+
+
+class _Fails:
+    """A backend that raises `exc` before its first chunk (after `wait` seconds)."""
+
+    def __init__(self, exc: BaseException | None, wait: float = 0.0) -> None:
+        self.exc, self.wait = exc, wait
+
+    async def stream(self, request: GatewayRequest) -> AsyncIterator[Chunk]:
+        await asyncio.sleep(self.wait)
+        if self.exc is not None:
+            raise self.exc
+        yield Chunk("", FinishReason.STOP, Usage(1, 0))
+
+
+async def _consume(pipeline: Pipeline, req: GatewayRequest, deadline: float | None = None) -> None:
+    """Run one request the way the server does: in its own task, with its deadline bound."""
+
+    async def run() -> None:
+        context.bind("r", deadline)
+        [c async for c in pipeline.stream(req)]
+
+    await asyncio.create_task(run())
+
+
+async def test_requests_are_counted_by_route_class_and_the_final_code() -> None:
+    registry = CollectorRegistry()
+    metrics = RequestMetrics(registry, CLASSES, "chat_short")
+
+    def pipeline(backend) -> Pipeline:
+        return Pipeline(default_policies(CLASSES, "chat_short", _NoMetrics(), None), backend, None, metrics)
+
+    def count(route_class: str, code: str) -> float | None:
+        return registry.get_sample_value("servemesh_gateway_requests_total", {"route_class": route_class, "code": code})
+
+    # every class's bad codes exist from the start at 0, so the first one is seen by increase()
+    assert count("code", "DEADLINE_EXCEEDED") == 0.0 and count("chat_short", "INTERNAL") == 0.0
+    await _consume(pipeline(_Backend()), _req())  # no class: the default one
+    await _consume(pipeline(_Backend()), _req(route_class="code"))
+    await _consume(pipeline(_Backend()), _req(route_class="code"))
+    with pytest.raises(Unavailable):
+        await _consume(pipeline(_Fails(Unavailable("engine down"))), _req(route_class="code"))
+    with pytest.raises(RuntimeError):
+        await _consume(pipeline(_Fails(RuntimeError("bug"))), _req(route_class="code"))
+    with pytest.raises(InvalidArgument):  # a made-up class is refused and never becomes a label
+        await _consume(pipeline(_Backend()), _req(route_class="made_up"))
+    # cancelled while the engine works: when the deadline has passed, or nearly (the caller's
+    # own deadline comes first, so its cancel can beat the server's), it timed out
+    for deadline in (-1.0, 0.1, 60.0):
+        task = asyncio.create_task(
+            _consume(pipeline(_Fails(None, wait=30)), _req(route_class="code"), deadline=time.monotonic() + deadline)
+        )
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert (count("chat_short", "OK"), count("code", "OK")) == (1.0, 2.0)
+    assert (count("code", "UNAVAILABLE"), count("code", "INTERNAL"), count("code", "DEADLINE_EXCEEDED")) == (1, 1, 2)
+    assert count("code", "CANCELLED") == 1
+    assert count("unknown", "INVALID_ARGUMENT") == 1.0 and count("made_up", "INVALID_ARGUMENT") is None
