@@ -676,6 +676,8 @@ class Mesh:
             "SERVEMESH_CONTROLLER_HOME": str(self.home),
             "SERVEMESH_CONTROLLER_NAMESPACE": self.namespace,
         }
+        if self.auth:  # golden evaluations of gateway deployments go as the dev tenant
+            env["SERVEMESH_CONTROLLER_EVAL_API_KEY_FILE"] = str(self.dev_key_path)
         if self.mesh:
             env |= {
                 "SERVEMESH_CONTROLLER_REGISTRY_TARGET": f"127.0.0.1:{p.registry_inbound}",

@@ -124,7 +124,7 @@ def judge(
         )
     if golden is not None:
         if golden.canary is None or golden.stable is None:
-            out.append(Measurement("golden_pass_rate", 0.0, 0.0, 0.0, Verdict.INCONCLUSIVE, golden.detail))
+            out.append(Measurement("golden_pass_rate", 0.0, 0.0, 0.0, Verdict.INCONCLUSIVE, golden.detail.lstrip("; ")))
         else:
             limit = golden.stable * (1 - t.max_golden_drop)
             verdict = Verdict.FAIL if golden.canary < limit else Verdict.PASS

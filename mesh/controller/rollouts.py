@@ -32,6 +32,7 @@ from servemesh.registry.v1 import registry_pb2_grpc as rpb_grpc
 
 from mesh.controller.analysis import Golden, Measurement, Thresholds, Verdict, judge
 from mesh.controller.metrics import Calls, MetricsUnavailable, Window, envoy_calls, service_calls
+from mesh.controller.prometheus import prometheus_window
 
 _log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ _VERDICT = {
     Verdict.INCONCLUSIVE: rpb.Measurement.VERDICT_INCONCLUSIVE,
 }
 RPC_TIMEOUT_S = 5.0
+#: how long past its window's end a golden run may take before the window calls it inconclusive
+GOLDEN_GRACE_S = 5.0
 
 #: runs the rollout's golden set against canary and stable deployments: (canary, stable) pass rates
 GoldenRunner = Callable[[rpb.Rollout, rpb.Deployment, rpb.Deployment], Awaitable[Golden]]
@@ -107,12 +110,15 @@ class RolloutController:
         *,
         tick_s: float = 0.5,
         golden: GoldenRunner | None = None,
+        prometheus_url: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._registry_channel = registry
         self._admins = envoy_admins
         self._tick_s = tick_s
         self._golden = golden
+        #: when set, windows are judged from the Prometheus HTTP API (prometheus.py's queries)
+        self._prometheus = prometheus_url
         self._clock = clock
         self._drivers: dict[str, _Driver] = {}
         self._channel: grpc.aio.Channel | None = None
@@ -392,18 +398,9 @@ class RolloutController:
             max_cost_ratio=r.analysis.max_cost_ratio or 2.0,
             max_golden_drop=r.analysis.max_golden_drop or 0.1,
         )
-        golden: Golden | None = None
-        if a.golden is not None:
-            if not a.golden.done():
-                a.golden.cancel()
-                golden = Golden(None, None, "; the golden run did not finish within the window")
-            elif a.golden.cancelled():
-                golden = Golden(None, None, "; the golden run was cancelled")
-            elif a.golden.exception() is not None:  # inconclusive, never a pass
-                golden = Golden(None, None, f"; the golden run failed: {a.golden.exception()!r}")
-            else:
-                golden = a.golden.result()
         if a.error or b.error or a.canary is None or b.canary is None or a.stable is None or b.stable is None:
+            if a.golden is not None:
+                a.golden.cancel()
             m = Measurement("requests", 0, 0, t.min_requests, Verdict.INCONCLUSIVE, f"metrics: {a.error or b.error}")
             return Verdict.INCONCLUSIVE, [m], "none"
         service = None
@@ -412,7 +409,20 @@ class RolloutController:
                 Window.between(a.canary_service, b.canary_service),
                 Window.between(a.stable_service, b.stable_service),
             )
-        if step.weight == 0 and service is not None:  # shadow: only the deployments see the mirrored calls
+        if self._prometheus:  # the queries the Kubernetes AnalysisTemplates use, over the same interval
+            try:
+                span = b.start - a.start
+                canary, stable = await asyncio.gather(
+                    *(
+                        prometheus_window(self._http, self._prometheus, _id(dep), span, b.start)
+                        for dep in (r.canary_deployment, r.stable_deployment)
+                    )
+                )
+            except MetricsUnavailable as exc:
+                m = Measurement("requests", 0, 0, t.min_requests, Verdict.INCONCLUSIVE, f"metrics: {exc}")
+                return Verdict.INCONCLUSIVE, [m], "none"
+            source = "prometheus"
+        elif step.weight == 0 and service is not None:  # shadow: only the deployments see the mirrored calls
             canary, stable = service
             source = "service"
         else:
@@ -421,8 +431,25 @@ class RolloutController:
                 canary = Window(canary.requests, canary.errors, canary.buckets, _tokens_scaled(service[0], canary))
                 stable = Window(stable.requests, stable.errors, stable.buckets, _tokens_scaled(service[1], stable))
             source = "envoy"
-        verdict, measurements = judge(canary, stable, t, golden)
+        verdict, measurements = judge(canary, stable, t)
+        if verdict == Verdict.FAIL or a.golden is None:  # a failing canary never waits for its goldens
+            return verdict, measurements, source
+        verdict, measurements = judge(canary, stable, t, await self._golden_result(a.golden))
         return verdict, measurements, source
+
+    async def _golden_result(self, task: asyncio.Task[Golden]) -> Golden:
+        """The window's golden run, given GOLDEN_GRACE_S past the window's end; late or broken is inconclusive."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), GOLDEN_GRACE_S)
+        except TimeoutError:
+            task.cancel()
+            return Golden(None, None, f"the golden run did not finish within the window (+{GOLDEN_GRACE_S:g} s)")
+        except asyncio.CancelledError:
+            if task.cancelled():
+                return Golden(None, None, "the golden run was cancelled")
+            raise
+        except Exception as exc:  # never a pass
+            return Golden(None, None, f"the golden run failed: {exc!r}")
 
 
 def _tokens_scaled(service: Window, calls: Window) -> float | None:

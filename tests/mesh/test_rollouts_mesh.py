@@ -8,6 +8,7 @@ Client load runs through the edge the whole time, as a user's would.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -22,6 +23,8 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from servemesh.gateway.v1 import gateway_pb2 as gpb
 from servemesh.gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from servemesh.mesh.v1 import slo_service_pb2 as slo_pb2
+from servemesh.mesh.v1 import slo_service_pb2_grpc as slo_grpc
 from servemesh.registry.v1 import registry_pb2 as rpb
 from servemesh.registry.v1 import registry_pb2_grpc as rpb_grpc
 
@@ -291,3 +294,80 @@ async def test_inconclusive_windows_never_promote_and_pause_the_rollout(mesh: Me
     await _registry(mesh, "AbortRollout", rpb.AbortRolloutRequest(name="rollouts/quiet", reason="test done"))
     r = await _until(mesh, "quiet", lambda r: r.applied_weight == 0, 30)
     assert r.state == R.STATE_ABORTED
+
+
+async def test_canary_whose_goldens_regress_is_rolled_back(mesh: Mesh) -> None:
+    """A gateway canary that cuts every answer to 4 tokens serves without errors, but fails the smoke
+    set's greedy-hash and must-contain cases that stable passes in the same window."""
+    await _reset_route(mesh)
+    ports = {"app": free_port(), "metrics": free_port(), "in": free_port(), "admin": free_port()}
+    await mesh.register(
+        rpb.Deployment(
+            name="deployments/gateway-clamped",
+            service="gateway",
+            version="clamped",
+            endpoint=f"127.0.0.1:{ports['in']}",
+            metrics_url=metrics_url(ports["metrics"]),
+        )
+    )
+    classes = {"chat_short": {"engine": "small", "default_max_tokens": 4, "max_tokens_limit": 4}}
+    saved = dict(mesh.gateway_env)
+    mesh.gateway_env["SERVEMESH_GATEWAY_ROUTE_CLASSES"] = json.dumps(classes)
+    try:
+        await mesh.start_gateway("gateway-clamped", *ports.values())
+    finally:
+        mesh.gateway_env.clear()
+        mesh.gateway_env.update(saved)
+    load, task = await _with_load(mesh)
+    try:
+        rollout = R(
+            name="rollouts/clamped",
+            route="routes/gateway",
+            stable_deployment=STABLE,
+            canary_deployment="deployments/gateway-clamped",
+            steps=_steps((50, 0, 600, True)),
+            analysis=rpb.AnalysisSpec(window=duration_pb2.Duration(seconds=10), min_requests=5, golden_set="smoke"),
+        )
+        await _registry(mesh, "CreateRollout", rpb.CreateRolloutRequest(rollout=rollout, reason="test"))
+        r = await _until(mesh, "clamped", lambda r: r.state in ENDED, 120)
+    finally:
+        await _stop(load, task)
+    assert r.state == R.STATE_ROLLED_BACK, r
+    golden = next(m for m in r.windows[-1].measurements if m.metric == "golden_pass_rate")
+    assert golden.verdict == rpb.Measurement.VERDICT_FAIL and golden.canary < golden.stable, golden
+    assert "greedy-matches-reference" in golden.detail or "capital-of-france" in golden.detail, golden.detail
+    err = next(m for m in r.windows[-1].measurements if m.metric == "error_rate")
+    assert err.verdict == rpb.Measurement.VERDICT_PASS  # the regression is in what it says, not in errors
+
+
+async def test_controller_serves_slo_status_computed_from_the_gateways(mesh: Mesh) -> None:
+    await _reset_route(mesh)
+    async with mesh.channel("gateway") as ch:
+        stub = gpb_grpc.GatewayServiceStub(ch)
+        for _ in range(3):
+            async for _chunk in stub.StreamGenerate(
+                gpb.StreamGenerateRequest(
+                    prompt="Say hi.", route_class="chat_short", params=gpb.DecodingParams(max_tokens=4)
+                ),
+                timeout=60,
+            ):
+                pass
+    deadline = time.monotonic() + 60  # the controller scrapes the gateways every 15 s
+    async with mesh.channel("controller") as ch:
+        stub = slo_grpc.SloServiceStub(ch)
+        while True:
+            resp = await stub.ListSloStatuses(slo_pb2.ListSloStatusesRequest(route_class="chat_short"), timeout=10)
+            errors = next(s for s in resp.statuses if s.slo.kind == slo_pb2.Slo.KIND_SERVER_ERRORS)
+            if errors.burn_rates and errors.burn_rates[0].requests >= 3:
+                break
+            assert time.monotonic() < deadline, resp
+            await asyncio.sleep(1)
+        assert {s.slo.kind for s in resp.statuses} == {
+            slo_pb2.Slo.KIND_TTFT,
+            slo_pb2.Slo.KIND_SERVER_ERRORS,
+            slo_pb2.Slo.KIND_TIMEOUTS,
+        }
+        assert errors.state == slo_pb2.SloStatus.STATE_OK and errors.burn_rates[0].bad_fraction == 0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ListSloStatuses(slo_pb2.ListSloStatusesRequest(route_class="Not A Class"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
