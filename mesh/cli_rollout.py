@@ -341,7 +341,8 @@ def _print_rollout(r: rpb.Rollout) -> None:
     a = r.analysis
     out.print(
         f"analysis: window {_dur(_seconds(a.window))}, at least {a.min_requests} requests, errors <="
-        f" {a.max_error_rate:g} (stable + {a.max_error_rate_margin:g}), p99 <= {a.max_latency_ratio:g}x, cost <="
+        f" {a.max_error_rate:g} (stable + {a.max_error_rate_margin:g}), p99 <= {a.max_latency_ratio:g}x"
+        f" (+{a.latency_slack_seconds * 1000:g} ms slack), cost <="
         f" {a.max_cost_ratio:g}x" + (f", golden set {escape(a.golden_set)}" if a.golden_set else ""),
         highlight=False,
     )

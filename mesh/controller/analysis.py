@@ -30,6 +30,7 @@ class Thresholds:
     max_latency_ratio: float = 3.0
     max_cost_ratio: float = 2.0
     max_golden_drop: float = 0.1
+    latency_slack_s: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class Golden:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
+
+
+def _latency_limit(stable_p99: float, t: Thresholds) -> float:
+    """Canary p99 above this fails: the ratio to stable's, and never closer to stable's than the slack."""
+    return max(t.max_latency_ratio * stable_p99, stable_p99 + t.latency_slack_s)
 
 
 def judge(
@@ -89,9 +95,9 @@ def judge(
     )
     c99, s99 = canary.quantile(0.99), stable.quantile(0.99)
     if not enough or math.isnan(c99) or math.isnan(s99):
-        verdict, limit = Verdict.INCONCLUSIVE, t.max_latency_ratio * s99 if not math.isnan(s99) else 0.0
+        verdict, limit = Verdict.INCONCLUSIVE, _latency_limit(s99, t) if not math.isnan(s99) else 0.0
     else:
-        limit = t.max_latency_ratio * s99
+        limit = _latency_limit(s99, t)
         verdict = Verdict.FAIL if c99 > limit else Verdict.PASS
     out.append(
         Measurement(
@@ -100,7 +106,8 @@ def judge(
             0.0 if math.isnan(s99) else s99,
             limit,
             verdict,
-            f"canary p99 {c99 * 1000:.1f} ms, stable {s99 * 1000:.1f} ms (limit {t.max_latency_ratio:g}x stable)",
+            f"canary p99 {c99 * 1000:.1f} ms, stable {s99 * 1000:.1f} ms"
+            f" (limit {t.max_latency_ratio:g}x stable and at least {t.latency_slack_s * 1000:g} ms over it)",
         )
     )
     ccost, scost = canary.cost_per_request, stable.cost_per_request

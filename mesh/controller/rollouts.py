@@ -397,6 +397,7 @@ class RolloutController:
             max_latency_ratio=r.analysis.max_latency_ratio or 3.0,
             max_cost_ratio=r.analysis.max_cost_ratio or 2.0,
             max_golden_drop=r.analysis.max_golden_drop or 0.1,
+            latency_slack_s=r.analysis.latency_slack_seconds or 0.25,
         )
         if a.error or b.error or a.canary is None or b.canary is None or a.stable is None or b.stable is None:
             if a.golden is not None:

@@ -158,6 +158,7 @@ class AnalysisSpec:
     golden_set: str = ""  # "" = none
     max_golden_drop: float | None = None
     inconclusive_limit: int | None = None
+    latency_slack_seconds: float | None = None
 
 
 class Verdict(StrEnum):

@@ -222,6 +222,7 @@ def _analysis_to_pb(a: AnalysisSpec) -> pb.AnalysisSpec:
         golden_set=a.golden_set,
         max_golden_drop=a.max_golden_drop or 0.0,
         inconclusive_limit=a.inconclusive_limit or 0,
+        latency_slack_seconds=a.latency_slack_seconds or 0.0,
     )
 
 
@@ -237,6 +238,7 @@ def _analysis_from_pb(a: pb.AnalysisSpec) -> AnalysisSpec:
         golden_set=a.golden_set,
         max_golden_drop=a.max_golden_drop or None,
         inconclusive_limit=a.inconclusive_limit or None,
+        latency_slack_seconds=a.latency_slack_seconds or None,
     )
 
 

@@ -730,6 +730,7 @@ def rollout_document(r: Rollout) -> dict[str, Any]:
             "golden_set": a.golden_set,
             "max_golden_drop": a.max_golden_drop,
             "inconclusive_limit": a.inconclusive_limit,
+            "latency_slack_seconds": a.latency_slack_seconds,
         },
         "state": r.state.value,
         "current_step": r.current_step,
@@ -800,6 +801,7 @@ def rollout_from_row(row: Any) -> Rollout:
             golden_set=a["golden_set"],
             max_golden_drop=a["max_golden_drop"],
             inconclusive_limit=a["inconclusive_limit"],
+            latency_slack_seconds=a.get("latency_slack_seconds"),  # absent in rollouts stored before it existed
         ),
         state=RolloutState(row.state),
         current_step=doc["current_step"],

@@ -469,6 +469,7 @@ ANALYSIS_RULES: dict[str, _Rule] = {
     "max_cost_ratio": _Rule(2.0, 1, 100),
     "max_golden_drop": _Rule(0.1, 0, 1),
     "inconclusive_limit": _Rule(6, 1, 100, closed=True),
+    "latency_slack_seconds": _Rule(0.25, 0.001, 60, closed=True),
 }
 
 

@@ -56,6 +56,15 @@ def test_p99_over_three_times_stable_fails() -> None:
     assert judge(_w(100, p99_bucket=0.25), _w(100, p99_bucket=0.1), Thresholds())[0] == Verdict.PASS
 
 
+def test_a_slow_canary_within_the_latency_slack_of_stable_passes() -> None:
+    # p99 248 ms against 60 ms: four times stable's, but under the default 250 ms noise floor above it
+    canary, stable = _w(100, p99_bucket=0.25), _w(100, p99_bucket=0.06)
+    verdict, ms = judge(canary, stable, Thresholds())
+    assert verdict == Verdict.PASS and _by_metric(ms)["latency_p99_s"].threshold == pytest.approx(0.0599 + 0.25)
+    assert "at least 250 ms over it" in _by_metric(ms)["latency_p99_s"].detail
+    assert judge(canary, stable, Thresholds(latency_slack_s=0.1))[0] == Verdict.FAIL
+
+
 def test_cost_per_request_over_twice_stable_fails() -> None:
     verdict, ms = judge(_w(100, tokens=2500), _w(100, tokens=1000), Thresholds())
     assert verdict == Verdict.FAIL and _by_metric(ms)["cost_per_request"].canary == 25

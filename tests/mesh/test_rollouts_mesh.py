@@ -166,10 +166,16 @@ async def test_healthy_canary_walks_every_step_to_100_with_shadow_first(mesh: Me
             window_s=5,
             min_requests=5,
         )
-        # shadow step: copies reach the canary, every answer still comes from stable
-        r = await _until(mesh, "healthy", lambda r: r.current_step >= 1 or r.state in (R.STATE_ROLLED_BACK,), 90)
+        # shadow step: copies reach the canary, every answer still comes from stable. The controller
+        # records step 1 before it sets step 1's weight, so what was served when the rollout last
+        # read as step 0 was served under the shadow step alone.
+        shadow_served: dict[str, int] = {}
+        deadline = time.monotonic() + 90
+        while (r := await _get(mesh, "healthy")).current_step < 1 and r.state != R.STATE_ROLLED_BACK:
+            shadow_served = dict(load.served)
+            assert time.monotonic() < deadline, f"the shadow step did not pass in 90s: {r}"
+            await asyncio.sleep(0.2)
         assert r.state == R.STATE_PROGRESSING, r
-        shadow_served = dict(load.served)
         assert set(shadow_served) == {"gateway-stable"}, shadow_served
         assert await _served_by(canary_metrics) - shadow_before >= 20
         r = await _until(mesh, "healthy", lambda r: r.state in (R.STATE_PROMOTED, R.STATE_ROLLED_BACK), 180)

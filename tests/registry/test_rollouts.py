@@ -130,6 +130,7 @@ async def test_create_fills_in_the_defaults_and_starts_pending(core):
         golden_set="",
         max_golden_drop=0.1,
         inconclusive_limit=6,
+        latency_slack_seconds=0.25,
     )
     (event,) = stored.history
     assert (event.from_state, event.to_state, event.step, event.actor, event.reason) == (
@@ -164,6 +165,7 @@ async def test_explicit_steps_and_a_partial_analysis_spec_are_kept(core):
         max_latency_ratio=3.0,
         max_cost_ratio=2.0,
         max_golden_drop=0.1,
+        latency_slack_seconds=0.25,
     )
     # output-only fields of the request are ignored
     assert (stored.state, stored.current_step, stored.message) == (P.PENDING, 0, "")
@@ -247,6 +249,7 @@ async def test_create_checks_the_route_and_deployments_and_writes_nothing_when_r
         ({"analysis": AnalysisSpec(golden_set="g" * 64)}, "rollout.analysis.golden_set", "63 characters"),
         ({"analysis": AnalysisSpec(max_golden_drop=math.inf)}, "rollout.analysis.max_golden_drop", "(0, 1]"),
         ({"analysis": AnalysisSpec(inconclusive_limit=101)}, "rollout.analysis.inconclusive_limit", "[1, 100]"),
+        ({"analysis": AnalysisSpec(latency_slack_seconds=61)}, "rollout.analysis.latency_slack_seconds", "[0.001, 60]"),
     ],
 )
 async def test_rollout_field_rules_name_the_field_and_the_limit(sqlite_core, change, field, words):

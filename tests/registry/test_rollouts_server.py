@@ -73,7 +73,7 @@ def full_rollout_pb() -> pb.Rollout:
     a.window.FromSeconds(15)
     a.min_requests, a.max_error_rate, a.max_error_rate_margin = 50, 0.02, 0.01
     a.max_latency_ratio, a.max_cost_ratio, a.golden_set = 2.5, 1.5, "smoke"
-    a.max_golden_drop, a.inconclusive_limit = 0.2, 3
+    a.max_golden_drop, a.inconclusive_limit, a.latency_slack_seconds = 0.2, 3, 0.5
     return r
 
 
@@ -134,6 +134,7 @@ async def test_defaults_are_filled_into_the_stored_rollout(registry):
         0.1,
         6,
     )
+    assert a.latency_slack_seconds == 0.25
 
 
 async def test_status_updates_and_windows_round_trip_and_a_stale_etag_is_aborted(registry):

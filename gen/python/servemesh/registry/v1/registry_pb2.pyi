@@ -1803,6 +1803,7 @@ class AnalysisSpec(_message.Message):
     GOLDEN_SET_FIELD_NUMBER: _builtins.int
     MAX_GOLDEN_DROP_FIELD_NUMBER: _builtins.int
     INCONCLUSIVE_LIMIT_FIELD_NUMBER: _builtins.int
+    LATENCY_SLACK_SECONDS_FIELD_NUMBER: _builtins.int
     min_requests: _builtins.int
     """Optional. Fewer requests than this to either deployment in a window make
     it inconclusive, never a pass; in [1, 1000000]; default 20.
@@ -1836,6 +1837,12 @@ class AnalysisSpec(_message.Message):
     """Optional. This many inconclusive windows in a row pause the rollout, in
     [1, 100]; default 6.
     """
+    latency_slack_seconds: _builtins.float
+    """Optional. Canary p99 latency must also exceed stable's by more than this
+    many seconds to fail: a noise floor, so a few slow calls in a small window
+    on a busy machine do not roll back a healthy canary; in [0.001, 60];
+    default 0.25.
+    """
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
         """Optional. Length of one analysis window, in [5s, 1h]; default 10s."""
@@ -1852,10 +1859,11 @@ class AnalysisSpec(_message.Message):
         golden_set: _builtins.str = ...,
         max_golden_drop: _builtins.float = ...,
         inconclusive_limit: _builtins.int = ...,
+        latency_slack_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["golden_set", b"golden_set", "inconclusive_limit", b"inconclusive_limit", "max_cost_ratio", b"max_cost_ratio", "max_error_rate", b"max_error_rate", "max_error_rate_margin", b"max_error_rate_margin", "max_golden_drop", b"max_golden_drop", "max_latency_ratio", b"max_latency_ratio", "min_requests", b"min_requests", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["golden_set", b"golden_set", "inconclusive_limit", b"inconclusive_limit", "latency_slack_seconds", b"latency_slack_seconds", "max_cost_ratio", b"max_cost_ratio", "max_error_rate", b"max_error_rate", "max_error_rate_margin", b"max_error_rate_margin", "max_golden_drop", b"max_golden_drop", "max_latency_ratio", b"max_latency_ratio", "min_requests", b"min_requests", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
