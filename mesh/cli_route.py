@@ -19,6 +19,7 @@ from servemesh.registry.v1 import registry_pb2 as rpb
 from servemesh.registry.v1 import registry_pb2_grpc as rpb_grpc
 
 from mesh.launcher import servemesh_home
+from mesh.route_edits import flipped, locked_to
 from mesh.state import MeshState
 from mesh.xds.snapshot import TYPE_NAMES
 
@@ -158,17 +159,10 @@ def route_flip(
     """Send all of a route's traffic to one backend (by default the one not taking most of it now)."""
 
     def change(r: rpb.Route) -> list[str]:
-        target = _dep_name(to) if to else ""
-        if not target:
-            ranked = sorted(r.backends, key=lambda b: b.weight, reverse=True)
-            if len(ranked) < 2:
-                raise typer.BadParameter("the route has one backend; name the deployment with --to", param_hint="--to")
-            target = ranked[1].deployment
-        names = [b.deployment for b in r.backends]
-        if target not in names:
-            names.append(target)
-        del r.backends[:]
-        r.backends.extend(rpb.WeightedBackend(deployment=n, weight=100 if n == target else 0) for n in names)
+        try:
+            r.CopyFrom(flipped(r, _dep_name(to) if to else ""))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--to") from None
         return ["backends"]
 
     _print_route(_call(home, lambda stub: _update(stub, route, change, reason)))
@@ -184,9 +178,7 @@ def route_lock(
     """Pin a route to one deployment; it refuses other changes until unlocked."""
 
     def change(r: rpb.Route) -> list[str]:
-        del r.backends[:]
-        r.backends.append(rpb.WeightedBackend(deployment=_dep_name(to), weight=100))
-        r.locked = True
+        r.CopyFrom(locked_to(r, _dep_name(to)))
         return ["backends", "locked"]
 
     _print_route(_call(home, lambda stub: _update(stub, route, change, reason)))
