@@ -1,0 +1,1 @@
+"""The operations console (NiceGUI): SLOs, engines, routing switches with audit, rollouts, indexes."""
