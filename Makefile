@@ -19,12 +19,13 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian packages the tests need: PostgreSQL (the registry runs its tests on it too),
-# redis-server (limits and the cache shared by gateway replicas) and prometheus (promtool
-# checks and unit-tests the SLO rules).
+# redis-server (limits and the cache shared by gateway replicas), prometheus (promtool
+# checks and unit-tests the SLO rules) and chromium (the console's real-browser test).
 system:
-	(ls /usr/lib/postgresql/*/bin/pg_ctl && command -v redis-server && command -v promtool) >/dev/null 2>&1 || \
+	(ls /usr/lib/postgresql/*/bin/pg_ctl && command -v redis-server && command -v promtool \
+		&& test -x /usr/bin/chromium) >/dev/null 2>&1 || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-			postgresql redis-server prometheus)
+			postgresql redis-server prometheus chromium)
 
 up: install
 	$(BIN)/servemesh up

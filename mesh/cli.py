@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mesh.cli_certs import certs_app
+from mesh.cli_console import console_app
 from mesh.cli_eval import eval_app
 from mesh.cli_index import ask, index_app
 from mesh.cli_keys import keys_app, tenants_app
@@ -35,6 +36,7 @@ app.add_typer(index_app, name="index")
 app.add_typer(slo_app, name="slo")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(eval_app, name="eval")
+app.add_typer(console_app, name="console")
 app.command()(ask)
 err = Console(stderr=True)
 
@@ -276,6 +278,17 @@ def bench_litellm(
         err.print("interrupted: everything it started is stopped")
         raise typer.Exit(130) from None
     raise typer.Exit(0 if met else 1)
+
+
+@bench_app.command("console")
+def bench_console(
+    loads: Annotated[int, typer.Option(help="Overview loads with an hour of data, and as many with none.")] = 20,
+    minutes: Annotated[float, typer.Option(help="How long a live Overview stays open for the memory check.")] = 10,
+) -> None:
+    """The console: Overview render time with an hour of data, and browser memory over live updates."""
+    from mesh.bench_console import run_console_bench
+
+    run_console_bench(loads, minutes, err.print)
 
 
 @bench_app.command("rag")

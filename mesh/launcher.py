@@ -60,6 +60,8 @@ class Ports:
     rerank_metrics: int = 9154
     control_plane_metrics: int = 9160
     controller_metrics: int = 9161
+    #: the operations console (NiceGUI, HTTP on loopback)
+    console: int = 8090
     # the mesh
     edge: int = 8443
     control_plane: int = 15010
@@ -80,6 +82,7 @@ class Ports:
             (self.inference_metrics, "inference metrics"),
             (self.registry_metrics, "registry metrics"),
             (self.controller_metrics, "controller metrics"),
+            (self.console, "console"),
         ]
         if rag:
             ports += [(self.retrieval_metrics, "retrieval metrics"), (self.rerank_metrics, "rerank metrics")]
@@ -666,6 +669,7 @@ class Mesh:
         self.state().write(self.home)
         self._state_written = True
         await self.start_controller()
+        await self.start_console()
 
     async def start_controller(self) -> None:
         """The rollout and SLO controller; it reads the Envoys' admin ports from the state file."""
@@ -696,6 +700,27 @@ class Mesh:
             )
         )
         self.state().write(self.home)
+
+    async def start_console(self) -> None:
+        """The operations console; it finds the mesh through the state file, as the CLI does."""
+        url = f"http://127.0.0.1:{self.ports.console}"
+        env = self._service_env(
+            SERVEMESH_CONSOLE_HOME=str(self.home),
+            SERVEMESH_CONSOLE_PORT=str(self.ports.console),
+            # NiceGUI keeps each browser's session in files: under home, not the working directory
+            NICEGUI_STORAGE_PATH=str(self.home / "console" / "sessions"),
+        )
+        env.pop("PYTEST_CURRENT_TEST", None)  # NiceGUI would take itself for a test's and not serve
+        await self._run(
+            Supervisor(
+                "console",
+                [sys.executable, "-m", "console.server"],
+                cwd=REPO,
+                env=env,
+                health=health_check(url),
+                log_path=self.logs / "console.log",
+            )
+        )
 
     async def stop(self) -> None:
         MeshState.remove(self.home)
@@ -748,6 +773,7 @@ def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
             f"  control     127.0.0.1:{p.control_plane}  (xDS, mTLS; `servemesh mesh status`)",
             f"  controller  127.0.0.1:{p.controller}  (rollouts and SLOs, mTLS; `servemesh rollout status`, "
             "`servemesh slo status`)",
+            f"  console     http://127.0.0.1:{p.console}  (sign in as a user of `servemesh console user add`)",
         ]
     else:
         lines += [
@@ -755,6 +781,7 @@ def _banner(home: Path, p: Ports, vllm_args: VllmArgs, mesh_mode: bool) -> str:
             f"  OpenAI API  http://127.0.0.1:{p.gateway_http}/openai/v1  (plaintext: --no-mesh)",
             f"  registry    127.0.0.1:{p.registry}  (gRPC, plaintext)",
             f"  retrieval   127.0.0.1:{p.retrieval}  (gRPC, plaintext; rerank on {p.rerank})",
+            f"  console     http://127.0.0.1:{p.console}  (sign in as a user of `servemesh console user add`)",
         ]
     key = home / "secrets" / ("dev-api-key" if mesh_mode else "dev-api-key-no-mesh")
     lines += [

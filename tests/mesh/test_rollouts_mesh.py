@@ -45,20 +45,25 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory, prepared_model) -> Asyn
     m = _small_mesh(tmp_path_factory.mktemp("home"), prepared_model, mesh=True)
     try:
         await m.start()
-        ports = {"app": free_port(), "metrics": free_port(), "in": free_port(), "admin": free_port()}
-        await m.register(
-            rpb.Deployment(
-                name=CANARY,
-                service="gateway",
-                version="canary",
-                endpoint=f"127.0.0.1:{ports['in']}",
-                metrics_url=metrics_url(ports["metrics"]),
-            )
-        )
-        await m.start_gateway("gateway-canary", *ports.values(), fault_injection=True)
+        await start_gateway_canary(m, fault_injection=True)
         yield m
     finally:
         await m.stop()
+
+
+async def start_gateway_canary(m: Mesh, *, fault_injection: bool = False) -> None:
+    """A second gateway deployment, `gateway-canary`, registered and running (on no route yet)."""
+    ports = {"app": free_port(), "metrics": free_port(), "in": free_port(), "admin": free_port()}
+    await m.register(
+        rpb.Deployment(
+            name=CANARY,
+            service="gateway",
+            version="canary",
+            endpoint=f"127.0.0.1:{ports['in']}",
+            metrics_url=metrics_url(ports["metrics"]),
+        )
+    )
+    await m.start_gateway("gateway-canary", *ports.values(), fault_injection=fault_injection)
 
 
 @dataclass
