@@ -543,7 +543,7 @@ def register(c: Console) -> None:
                             u.set_enabled(user.can_change)
                     with ui.expansion("Header override").classes("w-full").mark(f"override-{_short(name)}"):
                         with ui.row().classes("items-end"):
-                            header = ui.input("header", value="x-servemesh-backend").classes("w-56")
+                            header = ui.input("header", value="x-servemesh-canary").classes("w-56")
                             value = ui.input("value").classes("w-40")
                             target = ui.select(options, label="deployment").classes("w-56")
                             ob = ui.button(

@@ -134,13 +134,13 @@ async def test_weights_lock_and_header_override_each_land_as_set(
 
     await user.open("/routing")
     with user.scope(marker="override-gateway"):
-        user.find("value").type("canary")
+        user.find("value").type("always")
         user.find(kind=ui_select()).elements.pop().value = "deployments/gateway-canary"
         user.find("Set override").click()
     await _confirm(user, "let QA reach the canary")
-    await user.should_see("gateway: override x-servemesh-backend: canary -> gateway-canary")
+    await user.should_see("gateway: override x-servemesh-canary: always -> gateway-canary")
     (o,) = (await _route(backends, "gateway")).header_overrides
-    assert (o.header, o.value, o.deployment) == ("x-servemesh-backend", "canary", "deployments/gateway-canary")
+    assert (o.header, o.value, o.deployment) == ("x-servemesh-canary", "always", "deployments/gateway-canary")
 
 
 def ui_select():  # type: ignore[no-untyped-def]
